@@ -1,0 +1,152 @@
+"""Per-key counts of kept and counted entries, real tokens only, plus pluggable observers.
+
+A key is (layer, site, context), where the context is whatever the caller set with
+``recorder.context(...)``: a diffusion step, an expert id, the generation phase. Counts stay
+on the model's device as tensors and are read (one sync) only when a summary is asked for.
+
+Padding is removed here, once: the valid-token mask comes from the model call's 2D
+``attention_mask`` (picked up by the hooks' root pre-hook) or from ``valid_tokens(...)`` /
+``valid_tokens_from_lengths(...)`` set explicitly by the caller, which wins.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Protocol
+
+import torch
+
+
+class Observer(Protocol):
+    """Receives every site tensor a hook sees (mask is None in capture mode)."""
+
+    def observe(self, layer: int, site: str, context: dict, tensor: torch.Tensor,
+                mask: torch.Tensor | None, valid: torch.Tensor | None) -> None: ...
+
+
+def lengths_to_valid(lengths, seq_len: int, padding_side: str = "right", device=None) -> torch.Tensor:
+    """[B, L] bool mask of real tokens from per-row lengths."""
+    lengths = torch.as_tensor(lengths, device=device).reshape(-1, 1)
+    positions = torch.arange(seq_len, device=lengths.device).unsqueeze(0)
+    if padding_side == "right":
+        return positions < lengths
+    if padding_side == "left":
+        return positions >= seq_len - lengths
+    raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+
+
+class SparsityRecorder:
+    """Counts kept and real entries per (layer, site, context) and feeds observers."""
+
+    def __init__(self, observers: tuple | list = ()):
+        self.observers = list(observers)
+        self.kept: dict[tuple, torch.Tensor] = {}
+        self.counted: dict[tuple, torch.Tensor] = {}
+        self.forwards: dict[tuple, int] = {}
+        self._context: dict = {}
+        self._call_valid: torch.Tensor | None = None
+        self._explicit_valid: torch.Tensor | None = None
+        self.enabled = True
+
+    # ---- context -------------------------------------------------------------------------
+    @contextmanager
+    def context(self, **values) -> Iterator[None]:
+        """Add ``values`` (e.g. step=3) to the key of everything recorded inside."""
+        saved = dict(self._context)
+        self._context.update(values)
+        try:
+            yield
+        finally:
+            self._context = saved
+
+    @contextmanager
+    def valid_tokens(self, valid: torch.Tensor | None) -> Iterator[None]:
+        """Count only positions where ``valid`` [B, L] is True, for calls inside."""
+        saved = self._explicit_valid
+        self._explicit_valid = None if valid is None else valid.bool()
+        try:
+            yield
+        finally:
+            self._explicit_valid = saved
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing inside (e.g. a batch-size probe); masks are still applied."""
+        saved, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = saved
+
+    def begin_call(self, attention_mask: torch.Tensor | None, phase: str | None) -> None:
+        """Called by the hooks before each model forward."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            self._call_valid = attention_mask.bool()
+        else:
+            self._call_valid = None
+        if phase is None:
+            self._context.pop("phase", None)
+        else:
+            self._context["phase"] = phase
+
+    # ---- recording -----------------------------------------------------------------------
+    def valid_for(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The [..., ] real-token mask aligned with ``tensor`` [..., D] (None = all real)."""
+        valid = self._explicit_valid if self._explicit_valid is not None else self._call_valid
+        if valid is None:
+            return None
+        token_shape = tensor.shape[:-1]
+        if valid.shape == token_shape:
+            return valid
+        if tensor.dim() == 3 and valid.dim() == 2 and valid.shape[0] == token_shape[0] \
+                and valid.shape[1] > token_shape[1]:
+            return valid[:, -token_shape[1]:]  # decoding with a cache: the mask covers past tokens too
+        if tensor.dim() == 2 and valid.numel() == token_shape[0]:
+            return valid.reshape(-1)
+        raise RuntimeError(
+            f"valid-token mask of shape {tuple(valid.shape)} does not match activations of shape "
+            f"{tuple(tensor.shape)}; pass valid_tokens(...) with one entry per token"
+        )
+
+    def record(self, layer: int, site: str, tensor: torch.Tensor, mask: torch.Tensor | None,
+               valid: torch.Tensor | None = None, **extra) -> None:
+        """Count ``mask`` (True = kept) over real tokens and hand everything to the observers."""
+        if not self.enabled:
+            return
+        if valid is None:
+            valid = self.valid_for(tensor)
+        context = {**self._context, **extra} if extra else self._context
+        if mask is not None:
+            key = (layer, site, tuple(sorted(context.items())))
+            width = mask.shape[-1]
+            if valid is None:
+                kept = mask.sum()
+                counted = torch.tensor(mask.numel(), device=mask.device)
+            else:
+                kept = (mask & valid.unsqueeze(-1)).sum()
+                counted = valid.sum() * width
+            if key in self.kept:
+                self.kept[key] += kept
+                self.counted[key] += counted
+                self.forwards[key] += 1
+            else:
+                self.kept[key], self.counted[key], self.forwards[key] = kept, counted, 1
+        for observer in self.observers:
+            observer.observe(layer, site, dict(context), tensor, mask, valid)
+
+    def reset(self) -> None:
+        self.kept.clear()
+        self.counted.clear()
+        self.forwards.clear()
+
+    def rows(self) -> list[dict]:
+        """One dict per key: layer, site, context fields, kept, counted, sparsity, forwards."""
+        out = []
+        for key in sorted(self.kept, key=lambda k: (k[0], k[1], str(k[2]))):
+            layer, site, context = key
+            kept, counted = int(self.kept[key]), int(self.counted[key])
+            out.append({
+                "layer": layer, "site": site, **dict(context), "kept": kept, "counted": counted,
+                "sparsity": (1.0 - kept / counted) if counted else None, "forwards": self.forwards[key],
+            })
+        return out

@@ -1,0 +1,1 @@
+"""Per-expert sparsity of fused-experts MoE models (Qwen3-MoE, OLMoE)."""

@@ -1,0 +1,102 @@
+"""Rules: identical to the paper's rule code (golden masks), fast path identical to the sort."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.rules import _topp_threshold_bracketed, keep_mask, magnitudes, sparsify, topp_threshold_reference
+
+
+def _golden_cases(golden_dir):
+    tensors = load_file(str(golden_dir / "sparsification_rules.safetensors"))
+    cases = json.loads((golden_dir / "sparsification_rules.json").read_text())["cases"]
+    return tensors, cases
+
+
+def test_golden_masks_identical_float32_and_bfloat16(golden_dir):
+    tensors, cases = _golden_cases(golden_dir)
+    dtypes = {c["dtype"] for c in cases}
+    assert {"float32", "bfloat16"} <= dtypes
+    for case in cases:
+        x = tensors[case["input"]]
+        mask = keep_mask(x, case["rule"], case["value"], case["power"])
+        expected = tensors[case["key"]].bool()
+        assert torch.equal(mask, expected), case["key"]
+        assert 1 - mask.float().mean().item() == pytest.approx(case["sparsity"], abs=1e-7), case["key"]
+
+
+def test_golden_masks_through_the_bracketed_path(golden_dir):
+    """Tile golden rows to a width that takes the bracketed path; masks must still match."""
+    tensors, cases = _golden_cases(golden_dir)
+    for case in cases:
+        if case["rule"] != "topp" or not 0 < case["value"] < 1:
+            continue
+        x = tensors[case["input"]].reshape(-1, 512)
+        wide = torch.cat([x, x, x, x], dim=-1)  # same mass fractions, 2048 wide
+        a = magnitudes(wide, case["power"])
+        assert torch.equal(a >= _topp_threshold_bracketed(a, case["value"]),
+                           a >= topp_threshold_reference(a, case["value"])), case["key"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [1024, 3000, 8192])
+def test_bracketed_topp_matches_full_sort(dtype, width):
+    x = (torch.randn(96, width) * torch.randn(96, width).exp()).to(dtype)
+    x[0] = 0  # all zeros
+    x[1, :5] = 1e4  # massive activations
+    x[2] = x[2].round()  # heavy ties
+    x[3, ::2] = 0
+    for p in (0.05, 0.3, 0.5, 0.8, 0.9, 0.99):
+        for power in (1.0, 2.0):
+            a = magnitudes(x, power)
+            assert torch.equal(a >= _topp_threshold_bracketed(a, p), a >= topp_threshold_reference(a, p)), (p, power)
+
+
+def test_keep_mask_any_leading_shape_and_sparsify():
+    x = torch.randn(2, 3, 5, 64)
+    mask = keep_mask(x, "topp", 0.7)
+    assert mask.shape == x.shape and mask.dtype == torch.bool
+    flat = keep_mask(x.reshape(-1, 64), "topp", 0.7).reshape(x.shape)
+    assert torch.equal(mask, flat)
+    y = sparsify(x, "topp", 0.7)
+    assert y.dtype == x.dtype
+    assert torch.equal(y, torch.where(mask, x, torch.zeros_like(x)))
+
+
+def test_topp_keeps_the_smallest_prefix_reaching_p():
+    """Independent check: the kept mass reaches p, and dropping the smallest kept value would not."""
+    x = torch.randn(50, 300).double()
+    for p in (0.2, 0.6, 0.95):
+        mask = keep_mask(x, "topp", p)
+        a = x.abs()
+        kept_mass = (a * mask).sum(-1)
+        assert torch.all(kept_mass >= p * a.sum(-1) - 1e-9)
+        smallest_kept = torch.where(mask, a, torch.inf).amin(-1)
+        assert torch.all(kept_mass - smallest_kept < p * a.sum(-1))
+
+
+def test_topk_and_maxp_semantics():
+    x = torch.tensor([[4.0, -3.0, 2.0, 1.0, 0.5]])
+    assert keep_mask(x, "topk", 0.4).tolist() == [[True, True, False, False, False]]
+    assert keep_mask(x, "maxp", 0.5).tolist() == [[True, True, True, False, False]]
+    assert keep_mask(x, "topp", 1.0).tolist() == [[True] * 5]
+    assert keep_mask(x, "topp", 0.0).tolist() == [[True, False, False, False, False]]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rule="topq", value=0.5), "unknown sparsification rule"),
+    (dict(rule="topp", value=1.5), "outside \\[0, 1\\]"),
+    (dict(rule="topp", value=-0.1), "outside \\[0, 1\\]"),
+    (dict(rule="topp", value=0.5, power=0.5), "must be >= 1"),
+    (dict(rule="maxp", value=0.5, power=2.0), "applies only to rule 'topp'"),
+])
+def test_bad_rule_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keep_mask(torch.randn(2, 8), **kwargs)
+
+
+def test_integer_tensor_is_rejected():
+    with pytest.raises(TypeError, match="floating tensor"):
+        keep_mask(torch.arange(8).reshape(2, 4), "topp", 0.5)

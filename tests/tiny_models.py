@@ -1,0 +1,40 @@
+"""Tiny random-config models, one per row of the site table (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+_COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+
+_TEXT = {
+    "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, {}),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {"head_dim": 8}),
+    "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, {"head_dim": 8}),
+    "gemma3_text": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"head_dim": 8}),
+}
+DENSE_ARCHITECTURES = list(_TEXT) + ["gemma3"]
+
+
+def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if name == "gemma3":  # multimodal checkpoint: the text decoder sits under language_model
+        text = T.Gemma3TextConfig(**_COMMON, head_dim=8)
+        vision = T.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=16, patch_size=8)
+        model = T.Gemma3ForConditionalGeneration(T.Gemma3Config(text_config=text.to_dict(),
+                                                                vision_config=vision.to_dict(), mm_tokens_per_image=4))
+    else:
+        config_cls, model_cls, extra = _TEXT[name]
+        model = model_cls(config_cls(**_COMMON, **extra))
+    return model.eval()
+
+
+def mlp_modules(model):
+    """The decoder-layer MLP modules, in layer order."""
+    from common.sites import layer_list_path
+
+    return [layer.mlp for layer in model.get_submodule(layer_list_path(model))]
