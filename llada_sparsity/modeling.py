@@ -16,30 +16,47 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from .char_tokenizer import VOCAB_FILE, CharTokenizer
+
+EMBEDDED_LLADA = Path(__file__).parent / "data" / "tiny_llada_chars"
 LLADA_ALIASES = {
     "llada-8b-base": "GSAI-ML/LLaDA-8B-Base",
     "llada-8b-instruct": "GSAI-ML/LLaDA-8B-Instruct",
+    "tiny-llada-chars": str(EMBEDDED_LLADA),  # the embedded default (train_tiny.py)
 }
 # Official LLaDA special ids (8B tokenizer); small checkpoints carry their own in config.json.
 LLADA_8B_MASK_ID = 126336
 LLADA_8B_EOS_ID = 126081
 LLADA_8B_EOT_ID = 126348
 
-# Official weight names -> Llama names (regex, applied by from_pretrained's key_mapping).
-OFFICIAL_TO_LLAMA_KEYS = {
-    r"^model\.transformer\.wte\.": "model.embed_tokens.",
-    r"^model\.transformer\.ln_f\.": "model.norm.",
-    r"^model\.transformer\.ff_out\.": "lm_head.",
-    r"^model\.transformer\.blocks\.(\d+)\.q_proj\.": r"model.layers.\1.self_attn.q_proj.",
-    r"^model\.transformer\.blocks\.(\d+)\.k_proj\.": r"model.layers.\1.self_attn.k_proj.",
-    r"^model\.transformer\.blocks\.(\d+)\.v_proj\.": r"model.layers.\1.self_attn.v_proj.",
-    r"^model\.transformer\.blocks\.(\d+)\.attn_out\.": r"model.layers.\1.self_attn.o_proj.",
-    r"^model\.transformer\.blocks\.(\d+)\.attn_norm\.": r"model.layers.\1.input_layernorm.",
-    r"^model\.transformer\.blocks\.(\d+)\.ff_norm\.": r"model.layers.\1.post_attention_layernorm.",
-    r"^model\.transformer\.blocks\.(\d+)\.ff_proj\.": r"model.layers.\1.mlp.gate_proj.",
-    r"^model\.transformer\.blocks\.(\d+)\.up_proj\.": r"model.layers.\1.mlp.up_proj.",
-    r"^model\.transformer\.blocks\.(\d+)\.ff_out\.": r"model.layers.\1.mlp.down_proj.",
+# Official LLaDA module names -> Llama module names: per block, and at the model level.
+OFFICIAL_BLOCK_NAMES = {
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "attn_out": "self_attn.o_proj", "attn_norm": "input_layernorm", "ff_norm": "post_attention_layernorm",
+    "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "ff_out": "mlp.down_proj",
 }
+OFFICIAL_TOP_NAMES = {"wte": "model.embed_tokens", "ln_f": "model.norm", "ff_out": "lm_head"}
+# As regexes for from_pretrained(key_mapping=...).
+OFFICIAL_TO_LLAMA_KEYS = {
+    **{rf"^model\.transformer\.{old}\.": f"{new}." for old, new in OFFICIAL_TOP_NAMES.items()},
+    **{rf"^model\.transformer\.blocks\.(\d+)\.{old}\.": rf"model.layers.\1.{new}."
+       for old, new in OFFICIAL_BLOCK_NAMES.items()},
+}
+
+
+def to_official_names(state: dict) -> dict:
+    """Llama parameter names -> official LLaDA names (the inverse of the loader's mapping)."""
+    block = {new: old for old, new in OFFICIAL_BLOCK_NAMES.items()}
+    top = {new: old for old, new in OFFICIAL_TOP_NAMES.items()}
+    out = {}
+    for name, tensor in state.items():
+        module, param = name.rsplit(".", 1)
+        if module.startswith("model.layers."):
+            _, _, index, rest = module.split(".", 3)
+            out[f"model.transformer.blocks.{index}.{block[rest]}.{param}"] = tensor.contiguous()
+        else:
+            out[f"model.transformer.{top[module]}.{param}"] = tensor.contiguous()
+    return out
 
 
 def bidirectional_attention_mask(padding_mask: torch.Tensor | None, batch: int, length: int,
@@ -156,7 +173,9 @@ def load_llada(path_or_id: str, dtype: torch.dtype | str | None = None, device: 
         model = model.to(device)
     model.eval()
     tokenizer = None
-    if with_tokenizer and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if with_tokenizer and (path / VOCAB_FILE).is_file():
+        tokenizer = CharTokenizer.from_dir(path)
+    elif with_tokenizer and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
