@@ -117,7 +117,6 @@ class SparsityRecorder:
             valid = self.valid_for(tensor)
         context = {**self._context, **extra} if extra else self._context
         if mask is not None:
-            key = (layer, site, tuple(sorted(context.items())))
             width = mask.shape[-1]
             if valid is None:
                 kept = mask.sum()
@@ -125,14 +124,19 @@ class SparsityRecorder:
             else:
                 kept = (mask & valid.unsqueeze(-1)).sum()
                 counted = valid.sum() * width
-            if key in self.kept:
-                self.kept[key] += kept
-                self.counted[key] += counted
-                self.forwards[key] += 1
-            else:
-                self.kept[key], self.counted[key], self.forwards[key] = kept, counted, 1
+            self.add_counts(layer, site, kept, counted, context)
         for observer in self.observers:
             observer.observe(layer, site, dict(context), tensor, mask, valid)
+
+    def add_counts(self, layer: int, site: str, kept, counted, context: dict | None = None) -> None:
+        """Add kept / counted entries to a key (counts may be device tensors: no sync here)."""
+        key = (layer, site, tuple(sorted((self._context if context is None else context).items())))
+        if key in self.kept:
+            self.kept[key] = self.kept[key] + kept
+            self.counted[key] = self.counted[key] + counted
+            self.forwards[key] += 1
+        else:
+            self.kept[key], self.counted[key], self.forwards[key] = kept, counted, 1
 
     def reset(self) -> None:
         self.kept.clear()

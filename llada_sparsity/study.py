@@ -155,7 +155,7 @@ def _figures(per_step_layer, per_step, per_layer, study, folder: Path) -> list[P
                           ("sparsity_generated", "Sparsity")):
         frame = per_step_layer[per_step_layer.step > 0] if "jaccard" in metric else per_step_layer
         paths += plots.heatmap(frame, "layer", "step", metric, f"{title}, generated positions ({label})",
-                               folder / f"heatmap_{metric}", vmin=0, vmax=1)
+                               folder / f"heatmap_{metric}", cmap="viridis" if "jaccard" in metric else "rocket_r")
     long = per_step[per_step.step > 0].melt(id_vars=["step"], value_vars=["consecutive_jaccard_generated",
                                                                           "drift_jaccard_generated"],
                                             var_name="measure", value_name="jaccard")

@@ -1,0 +1,202 @@
+"""From sweep cells to the tidy table, critical sparsity, intervals, fidelity and figures.
+
+Accuracy: normalized score = sparse score / dense score on the same items, with a paired
+bootstrap interval. Continuous fidelity (stable on small suites): the mean change of the gold
+answer's log-likelihood against dense, and the mean KL divergence of the sparse model's answer
+distribution (softmax over the choices' log-likelihoods) from the dense one. Perplexity
+criterion (Luo et al. 2024, "PPL-p% sparsity"): the highest sparsity whose perplexity stays
+within p% of dense.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import plots
+from .critical import bootstrap_critical, bootstrap_indices, critical_sparsity, paired_bootstrap_ratio
+from .store import ResultStore, atomic_write_json, write_csv
+from .sweep import DENSE, SweepSpec, measured_sparsity
+from .tasks import PERPLEXITY_TASKS
+
+
+def _log_softmax(values: np.ndarray) -> np.ndarray:
+    values = values - values.max()
+    return values - np.log(np.exp(values).sum())
+
+
+def fidelity(sparse_items: list[dict], dense_items: list[dict]) -> dict:
+    """Mean gold log-likelihood change and mean KL(dense || sparse) over the answer choices."""
+    deltas, kls = [], []
+    for sparse, dense in zip(sparse_items, dense_items):
+        if "choice_logliks" not in sparse or sparse.get("gold") is None:
+            continue
+        s, d = np.array(sparse["choice_logliks"]), np.array(dense["choice_logliks"])
+        deltas.append(s[sparse["gold"]] - d[dense["gold"]])
+        log_p, log_q = _log_softmax(d), _log_softmax(s)
+        kls.append(float((np.exp(log_p) * (log_p - log_q)).sum()))
+    if not deltas:
+        return {}
+    return {"gold_loglik_delta": float(np.mean(deltas)), "choice_kl": float(np.mean(kls))}
+
+
+def perplexity(items: list[dict]) -> float:
+    return float(np.exp(-sum(i["loglikelihood"] for i in items) / sum(i["words"] for i in items)))
+
+
+def tidy_table(store: ResultStore, spec: SweepSpec, iterations: int = 1000) -> pd.DataFrame:
+    """One row per finished (site, value, task) cell of the sweep, with normalized scores."""
+    rows = []
+    dense = {t: store.get(spec.key(DENSE, 1.0, t)) for t in spec.tasks}
+    for key, result in store.records(model=spec.model, rule=spec.rule, power=float(spec.power), limit=spec.limit):
+        task, site = key["task"], key["site"]
+        if task not in spec.tasks or site not in spec.sites or dense.get(task) is None:
+            continue
+        base = dense[task]
+        metric = spec.metric_for(task)
+        row = {"model": spec.model, "task": task, "site": site, "rule": spec.rule, "power": spec.power,
+               "value": key["value"], "measured_sparsity": measured_sparsity(result, site),
+               "mean_layer_sparsity": result["sparsity"][site]["mean_over_layers"], "metric": metric,
+               "score": result["metrics"][metric], "dense_score": base["metrics"][metric],
+               "seconds": result["seconds"], "dense_seconds": base["seconds"], "items": len(result["items"])}
+        if task in PERPLEXITY_TASKS:
+            row["perplexity_ratio"] = perplexity(result["items"]) / perplexity(base["items"])
+            row["normalized"] = 1.0 / row["perplexity_ratio"]
+        else:
+            row["normalized"] = row["score"] / row["dense_score"] if row["dense_score"] else np.nan
+            sparse_scores = [i[metric] for i in result["items"]]
+            dense_scores = [i[metric] for i in base["items"]]
+            row["normalized_ci_low"], row["normalized_ci_high"] = paired_bootstrap_ratio(
+                sparse_scores, dense_scores, iterations, indices=bootstrap_indices(len(dense_scores), iterations))
+            row.update(fidelity(result["items"], base["items"]))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.sort_values(["task", "site", "measured_sparsity"]).reset_index(drop=True) if rows else frame
+
+
+def critical_table(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, threshold: float = 0.99,
+                   ppl_percent: float = 1.0, iterations: int = 1000) -> list[dict]:
+    """Per site: critical sparsity per task (grid, interpolated, bootstrap interval), task average,
+    and the perplexity criterion."""
+    out = []
+    scoring = [t for t in spec.tasks if t not in PERPLEXITY_TASKS]
+    for site in spec.sites:
+        site_rows = frame[frame.site == site]
+        if site_rows.empty:
+            continue
+        entry = {"site": site, "tasks": {}}
+        for task in scoring:
+            rows = site_rows[site_rows.task == task].sort_values("measured_sparsity")
+            if rows.empty:
+                continue
+            crit = critical_sparsity(rows.measured_sparsity, rows.normalized, threshold, rows.value)
+            metric = spec.metric_for(task)
+            dense_items = [i[metric] for i in store.get(spec.key(DENSE, 1.0, task))["items"]]
+            item_scores = [[i[metric] for i in store.get(spec.key(site, v, task))["items"]] for v in rows.value]
+            low, high = bootstrap_critical(rows.measured_sparsity.to_numpy(), item_scores, dense_items, threshold,
+                                           iterations)
+            entry["tasks"][task] = {**crit.as_dict(), "interpolated_ci": [low, high], "points": len(rows)}
+        scoring_rows = site_rows[site_rows.task.isin(scoring)]
+        if not scoring_rows.empty:
+            average = scoring_rows.groupby("value", as_index=False)[["measured_sparsity", "normalized"]].mean()
+            average_crit = critical_sparsity(average.measured_sparsity, average.normalized, threshold, average.value)
+            entry["task_average_curve"] = average_crit.as_dict()
+            per_task = [v["interpolated"] for v in entry["tasks"].values()]
+            entry["mean_of_task_critical_interpolated"] = float(np.mean(per_task)) if per_task else None
+        for task in PERPLEXITY_TASKS:
+            rows = site_rows[site_rows.task == task].sort_values("measured_sparsity")
+            if not rows.empty:
+                crit = critical_sparsity(rows.measured_sparsity, 1.0 / rows.perplexity_ratio,
+                                         1.0 / (1.0 + ppl_percent / 100.0), rows.value)
+                entry[f"ppl_{ppl_percent:g}pct_{task}"] = crit.as_dict()
+        out.append(entry)
+    return out
+
+
+def overhead(frame: pd.DataFrame) -> dict:
+    """Time of sparsified cells over dense cells of the same task (measured in the same runs)."""
+    if frame.empty:
+        return {}
+    ratios = frame.seconds / frame.dense_seconds
+    return {"median_time_ratio_sparse_over_dense": float(ratios.median()),
+            "per_site": frame.assign(ratio=ratios).groupby("site").ratio.median().to_dict()}
+
+
+def figures(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, critical: list[dict],
+            folder: Path, threshold: float = 0.99) -> list[Path]:
+    paths = []
+    if frame.empty:
+        return paths
+    scoring = frame[~frame.task.isin(list(PERPLEXITY_TASKS))]
+    for task, rows in frame.groupby("task"):
+        paths += plots.lines(rows, "measured_sparsity", "normalized", "site",
+                             f"{spec.model}: {task} ({rows.metric.iloc[0]})", folder / f"curve_{task}",
+                             xlabel="measured sparsity", ylabel="normalized score", hline=threshold)
+    if not scoring.empty:
+        average = scoring.groupby(["site", "value"], as_index=False)[["measured_sparsity", "normalized"]].mean()
+        paths += plots.lines(average, "measured_sparsity", "normalized", "site",
+                             f"{spec.model}: average over {scoring.task.nunique()} tasks", folder / "curve_average",
+                             xlabel="measured sparsity", ylabel="normalized score", hline=threshold)
+    layer_rows = []
+    for key, result in store.records(model=spec.model, rule=spec.rule, power=float(spec.power), limit=spec.limit):
+        if key["site"] in spec.sites and key["task"] in spec.tasks:
+            for layer, value in result["sparsity"][key["site"]]["per_layer"].items():
+                layer_rows.append({"site": key["site"], "value": key["value"], "layer": int(layer), "sparsity": value})
+    if layer_rows:
+        layers = pd.DataFrame(layer_rows)
+        for site, rows in layers.groupby("site"):
+            paths += plots.heatmap(rows, "layer", "value", "sparsity", f"{spec.model}: per-layer sparsity, {site}",
+                                   folder / f"layer_sparsity_{site}", vmin=0, vmax=1)
+    bars = [{"site": c["site"], "reading": reading, "critical_sparsity": c["task_average_curve"][reading]}
+            for c in critical if "task_average_curve" in c for reading in ("grid", "interpolated")]
+    if bars:
+        paths += plots.bars(pd.DataFrame(bars), "site", "critical_sparsity", "reading",
+                            f"{spec.model}: critical sparsity (task-average curve)", folder / "critical_sparsity")
+    return paths
+
+
+def write_report(store: ResultStore, spec: SweepSpec, output: Path, threshold: float = 0.99,
+                 ppl_percent: float = 1.0, iterations: int = 1000, extra: dict | None = None) -> dict:
+    """tidy.csv, critical.json (and the figures) from whatever cells are finished."""
+    frame = tidy_table(store, spec, iterations)
+    if not frame.empty:
+        write_csv(output / "tidy.csv", frame.to_dict("records"))
+    critical = critical_table(store, spec, frame, threshold, ppl_percent, iterations) if not frame.empty else []
+    summary = {"spec": spec.as_dict(), "threshold": threshold, "ppl_percent": ppl_percent,
+               "readings": {"grid": "highest evaluated sparsity with normalized score >= threshold",
+                            "interpolated": "linear crossing between that point and the next sparser one"},
+               "critical": critical, "overhead": overhead(frame), **(extra or {})}
+    paths = figures(store, spec, frame, critical, output / "figures", threshold)
+    summary["figures"] = [str(p.relative_to(output)) for p in paths if p.suffix == ".png"]
+    atomic_write_json(output / "critical.json", summary)
+    return summary
+
+
+def effective_rank_pass(model, tokenizer, sites, output: Path, documents: int = 32, max_tokens: int = 256) -> list[dict]:
+    """Dense pass over the perplexity task's texts, one document per forward (no padding):
+    effective rank per layer and site, averaged over documents, normalized by the width."""
+    import json
+
+    import torch
+
+    from .hooks import ActivationCapture
+    from .recorder import SparsityRecorder
+    from .sites import expand_sites
+    from .stats import EffectiveRank
+    from .tasks import DATA, PERPLEXITY_TASKS
+
+    texts = [json.loads(line)["text"] for line in
+             (DATA / PERPLEXITY_TASKS["fables_ppl"]).read_text().splitlines()[:documents]]
+    rank = EffectiveRank()
+    base_sites = list(dict.fromkeys(s for site in sites for s in expand_sites(site)))
+    with ActivationCapture(model, base_sites, recorder=SparsityRecorder([rank]), keep=False), torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens)["input_ids"]
+            model(ids.to(model.device))
+    rows = rank.summary()
+    write_csv(output / "effective_rank.csv", rows)
+    plots.lines(pd.DataFrame(rows), "layer", "normalized_effective_rank", "site",
+                "Effective rank / feature dimension (dense)", output / "figures" / "effective_rank")
+    return rows

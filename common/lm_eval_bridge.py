@@ -1,0 +1,145 @@
+"""lm-eval bridge: ``SparseHFLM``, an HFLM that sparsifies FFN sites around its model calls.
+
+Registered as ``sparse-hf``. Model arguments: ``sites`` (``+``-separated, e.g.
+``input+intermediate``), ``rule``, ``value``, ``power``, ``layers`` (``+``-separated indices,
+default all) and ``stats_file`` (a JSON written after each request type with the measured
+sparsity). Hooks are installed only around ``_model_call`` / ``_model_generate``, in the style
+of lm-eval's own ``SteeredModel``.
+
+Real tokens only. lm-eval right-pads loglikelihood batches with id 0 and passes no attention
+mask, so counts from a ``_model_call`` are held per token and committed row by row when
+lm-eval slices each row to its real length (``_select_cont_toks`` receives that length).
+Calls that are never sliced, such as the automatic batch-size probe, are discarded.
+Generation passes an attention mask, which the hooks read directly; prefill and decode
+statistics are kept apart.
+"""
+
+from __future__ import annotations
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .hooks import Sparsifier
+from .recorder import SparsityRecorder
+from .rules import validate_rule
+from .sites import expand_sites, resolve_layers
+from .stats import summarize
+from .store import atomic_write_json
+
+
+def _split(value) -> list:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [v for v in str(value).replace(",", "+").split("+") if v]
+
+
+class _PerTokenKept:
+    """Observer holding the kept count of every token of the last call, until rows are committed."""
+
+    def __init__(self):
+        self.kept: dict[tuple[int, str], torch.Tensor] = {}
+        self.width: dict[tuple[int, str], int] = {}
+
+    def observe(self, layer, site, context, tensor, mask, valid) -> None:
+        if mask is not None:
+            self.kept[(layer, site)] = mask.sum(dim=-1)
+            self.width[(layer, site)] = mask.shape[-1]
+
+    def commit_row(self, row: int, length: int, recorder: SparsityRecorder) -> None:
+        for (layer, site), kept in self.kept.items():
+            recorder.add_counts(layer, site, kept[row, :length].sum(), length * self.width[(layer, site)], {})
+
+
+@register_model("sparse-hf")
+class SparseHFLM(HFLM):
+    """HFLM with per-token FFN sparsification; ``sites=None`` evaluates the dense model."""
+
+    def __init__(self, pretrained, sites=None, rule: str = "topp", value: float = 1.0, power: float = 1.0,
+                 layers=None, stats_file: str | None = None, **kwargs):
+        super().__init__(pretrained=pretrained, **kwargs)
+        self.recorder = SparsityRecorder()
+        self.stats_file = stats_file
+        self._pending: _PerTokenKept | None = None
+        self._pending_row = 0
+        self.set_sparsification(sites, rule, value, power, layers)
+
+    def set_sparsification(self, sites=None, rule: str = "topp", value: float = 1.0, power: float = 1.0,
+                           layers=None) -> None:
+        """Change what is sparsified (keeps the loaded model); also resets the statistics."""
+        sites = _split(sites)
+        if sites:
+            expand_sites(sites)
+            validate_rule(rule, float(value), float(power))
+        layer_list = [int(layer) for layer in _split(layers)] or None
+        if layer_list is not None:
+            resolve_layers(self.model, layer_list)
+        self.sites, self.rule, self.value, self.power, self.layers = sites, rule, float(value), float(power), layer_list
+        self.reset_statistics()
+
+    def reset_statistics(self) -> None:
+        self.recorder.reset()
+        self._pending = None
+
+    def _sparsifier(self, recorder: SparsityRecorder) -> Sparsifier:
+        return Sparsifier(self.model, self.sites, self.rule, self.value, self.power, self.layers, recorder)
+
+    # ---- model calls ---------------------------------------------------------------------------
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        if not self.sites:
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        per_token = _PerTokenKept()
+        with self._sparsifier(SparsityRecorder([per_token])):
+            logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        self._pending, self._pending_row = per_token, 0
+        return logits
+
+    def _select_cont_toks(self, logits, contlen=None, inplen=None):
+        if self._pending is not None and inplen is not None:
+            self._pending.commit_row(self._pending_row, inplen, self.recorder)
+            self._pending_row += 1
+        return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        if not self.sites:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        with self._sparsifier(self.recorder):
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    # ---- request types: write statistics after each -----------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._pending = None
+            self._write_stats()
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._pending = None
+            self._write_stats()
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        try:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._write_stats()
+
+    # ---- statistics ------------------------------------------------------------------------------
+    def sparsity_statistics(self) -> dict:
+        """Measured sparsity (real tokens) per site: per layer, mean over layers, element-weighted."""
+        rows = self.recorder.rows()
+        out = {"sites": self.sites, "rule": self.rule, "value": self.value, "power": self.power,
+               "layers": self.layers, "summary": summarize(rows)}
+        phases = {row.get("phase") for row in rows} - {None}
+        for phase in sorted(phases):
+            out[f"summary_{phase}"] = summarize(rows, phase=phase)
+        return out
+
+    def _write_stats(self) -> None:
+        if self.stats_file:
+            atomic_write_json(self.stats_file, self.sparsity_statistics())

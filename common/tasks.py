@@ -1,0 +1,123 @@
+"""The offline task suite: real BIG-bench items shipped in ``common/task_data`` as lm-eval tasks.
+
+lm-eval resolves ``data_files`` against the working directory, so the YAML configs are written
+at run time (idempotently) into a folder of the cache with absolute paths to the shipped data;
+``task_manager()`` and the CLI wrapper point lm-eval at it with ``include_path``.
+
+Items come from BIG-bench (Apache-2.0); Social IQa items are CC-BY-4.0 (Sap et al. 2019),
+StrategyQA MIT (Geva et al. 2021), the fables are Aesop (public domain). See
+``common/task_data/LICENSES.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .models import cache_dir
+
+DATA = Path(__file__).parent / "task_data"
+
+# name -> (data file, prompt template). Choices are scored as " " + choice after the prompt.
+MULTIPLE_CHOICE_TASKS = {
+    "bb_social_iqa": ("social_iqa.jsonl", "Question: {{query}}\nAnswer:"),
+    "bb_hyperbaton": ("hyperbaton.jsonl", ""),  # scores the two sentences themselves
+    "bb_movie_recommendation": ("movie_recommendation.jsonl", "Find a movie similar to {{query}}"),
+    "bb_entailed_polarity": ("entailed_polarity.jsonl", "{{query}}\nA:"),
+    "bb_general_knowledge": ("general_knowledge.jsonl", "Question: {{query}}\nAnswer:"),
+    "bb_intent_recognition": ("intent_recognition.jsonl", "{{query}}\nIntent:"),
+}
+PERPLEXITY_TASKS = {"fables_ppl": "fables.jsonl"}
+OFFLINE_SUITE = ["bb_social_iqa", "bb_strategyqa", "bb_physical_intuition", "bb_causal_judgment"]
+PERPLEXITY_TASK = "fables_ppl"
+# The paper's nine tasks (lm-eval names; need the dataset hub) and their metric.
+PAPER_TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "hellaswag", "winogrande", "lambada_standard", "sciq",
+               "triviaqa"]
+PRIMARY_METRIC = {"triviaqa": "exact_match", "fables_ppl": "word_perplexity"}
+
+
+def primary_metric(task: str) -> str:
+    return PRIMARY_METRIC.get(task, "acc")
+
+
+def _yaml_for_multiple_choice(name: str, data_file: Path, template: str) -> str:
+    return "\n".join([
+        f"task: {name}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {json.dumps(str(data_file))}",
+        "test_split: test",
+        "output_type: multiple_choice",
+        f"doc_to_text: {json.dumps(template)}",
+        "doc_to_target: \"{{gold}}\"",
+        "doc_to_choice: \"{{choices}}\"",
+        "metric_list:",
+        "  - metric: acc",
+        "    aggregation: mean",
+        "    higher_is_better: true",
+        "  - metric: acc_norm",
+        "    aggregation: mean",
+        "    higher_is_better: true",
+        "metadata:",
+        "  version: 1.0",
+        "",
+    ])
+
+
+def _yaml_for_perplexity(name: str, data_file: Path) -> str:
+    return "\n".join([
+        f"task: {name}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {json.dumps(str(data_file))}",
+        "test_split: test",
+        "output_type: loglikelihood_rolling",
+        "doc_to_text: \"\"",
+        "doc_to_target: \"{{text}}\"",
+        "metric_list:",
+        "  - metric: word_perplexity",
+        "  - metric: byte_perplexity",
+        "  - metric: bits_per_byte",
+        "metadata:",
+        "  version: 1.0",
+        "",
+    ])
+
+
+def offline_task_dir() -> Path:
+    """Write (or refresh) the YAML configs of the offline suite; return the include path."""
+    folder = cache_dir() / "lm_eval_tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (file, template) in MULTIPLE_CHOICE_TASKS.items():
+        _write_if_changed(folder / f"{name}.yaml", _yaml_for_multiple_choice(name, DATA / file, template))
+    for name, file in PERPLEXITY_TASKS.items():
+        _write_if_changed(folder / f"{name}.yaml", _yaml_for_perplexity(name, DATA / file))
+    return folder
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def task_manager(include_defaults: bool = False):
+    """An lm-eval TaskManager that knows the offline suite (and the built-in tasks if asked)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(offline_task_dir()), include_defaults=include_defaults)
+
+
+def is_offline_task(name: str) -> bool:
+    return name in MULTIPLE_CHOICE_TASKS or name in PERPLEXITY_TASKS
+
+
+def check_tasks(names: list[str]) -> None:
+    """Fail early, in one line, for tasks that cannot be loaded offline."""
+    import os
+
+    unknown_offline = [n for n in names if not is_offline_task(n)]
+    if unknown_offline and os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise ValueError(f"tasks {', '.join(unknown_offline)} need the dataset hub but HF_DATASETS_OFFLINE=1; "
+                         f"use the offline suite ({', '.join(OFFLINE_SUITE + [PERPLEXITY_TASK])}) or go online")
