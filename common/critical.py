@@ -16,6 +16,7 @@ items gives intervals for normalized scores and for the critical sparsity.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -67,6 +68,8 @@ def paired_bootstrap_ratio(sparse_items, dense_items, iterations: int = 1000, se
         indices = bootstrap_indices(len(dense_items), iterations, seed)
     dense_means = dense_items[indices].mean(axis=1)
     ratios = sparse_items[indices].mean(axis=1) / np.where(dense_means == 0, np.nan, dense_means)
+    if np.isnan(ratios).all():
+        return math.nan, math.nan  # the dense score is 0 on every resample: no ratio exists
     low, high = np.nanpercentile(ratios, [2.5, 97.5])
     return float(low), float(high)
 
@@ -91,5 +94,7 @@ def bootstrap_critical(sparsity, sparse_item_scores, dense_item_scores, threshol
             continue
         normalized = scores[:, row].mean(axis=1) / dense_mean
         estimates.append(critical_sparsity(sparsity, normalized, threshold).interpolated)
+    if not estimates:
+        return math.nan, math.nan
     low, high = np.percentile(estimates, [2.5, 97.5])
     return float(low), float(high)

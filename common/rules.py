@@ -135,6 +135,27 @@ def _topp_threshold_bracketed(a: torch.Tensor, p: float) -> torch.Tensor:
     return threshold
 
 
+def _topp_threshold_full(a: torch.Tensor) -> torch.Tensor:
+    """Top-p threshold at p = 1 without sorting.
+
+    The sequential float64 cumsum first reaches the total at the last non-zero entry unless
+    that entry is too small to change the running sum (absorbed). Entries >= total * 2^-49
+    always change a float64 sum, so for rows whose smallest non-zero entry is that large the
+    threshold is the smallest non-zero entry (all-zero rows: 0, which keeps everything, as the
+    reference does). Other rows use the reference.
+    """
+    positive = a > 0
+    smallest = torch.where(positive, a, torch.full_like(a, float("inf"))).amin(dim=-1, keepdim=True)
+    total = a.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    threshold = torch.where(torch.isinf(smallest), torch.zeros_like(smallest), smallest)
+    absorbed = smallest.double() < total * 2.0 ** -49
+    if bool(absorbed.any()):
+        rows = absorbed.squeeze(-1)
+        threshold = threshold.clone()
+        threshold[rows] = topp_threshold_reference(a[rows], 1.0)
+    return threshold
+
+
 def _topp_threshold_bracketed_chunked(a: torch.Tensor, p: float, rows_per_chunk: int) -> torch.Tensor:
     """Row chunks keep the working set of the bracketed threshold in cache."""
     if a.shape[0] <= rows_per_chunk:
@@ -146,6 +167,8 @@ def topp_threshold(a: torch.Tensor, p: float) -> torch.Tensor:
     """Top-p threshold per row of non-negative ``a`` [N, D], identical to the paper's rule."""
     if p <= 0.0:
         return a.amax(dim=-1, keepdim=True)  # target 0 is reached at the first (largest) entry
+    if p >= 1.0:
+        return _topp_threshold_full(a)
     if 0.0 < p < 1.0 and a.device.type == "cpu" and a.shape[-1] >= _BRACKET_MIN_WIDTH and a.shape[0] > 0:
         return _topp_threshold_bracketed_chunked(a, p, max(1, _CHUNK_ELEMENTS // a.shape[-1]))
     return topp_threshold_reference(a, p)

@@ -38,7 +38,7 @@ class SweepSpec:
     grid: list[float] = field(default_factory=lambda: list(PAPER_DENSE_GRID))
     limit: int | None = None
     layers: list[int] | None = None
-    metric: str = "acc"
+    metric: str | None = None  # None: each task's primary metric (common.tasks.PRIMARY_METRIC)
 
     def key(self, site: str, value: float, task: str) -> dict:
         dense = site == DENSE
@@ -47,7 +47,9 @@ class SweepSpec:
                 "task": task, "limit": self.limit, "layers": None if dense else self.layers}
 
     def metric_for(self, task: str) -> str:
-        return primary_metric(task) if task in PERPLEXITY_TASKS else self.metric
+        if task in PERPLEXITY_TASKS or self.metric is None:
+            return primary_metric(task)
+        return self.metric
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -4,8 +4,8 @@ lm-eval resolves ``data_files`` against the working directory, so the YAML confi
 at run time (idempotently) into a folder of the cache with absolute paths to the shipped data;
 ``task_manager()`` and the CLI wrapper point lm-eval at it with ``include_path``.
 
-Items come from BIG-bench (Apache-2.0); Social IQa items are CC-BY-4.0 (Sap et al. 2019),
-StrategyQA MIT (Geva et al. 2021), the fables are Aesop (public domain). See
+Items come from BIG-bench (Apache-2.0); Social IQa items are CC-BY-4.0 (Sap et al. 2019); the
+fables are Aesop (public domain). See
 ``common/task_data/LICENSES.md``.
 """
 
@@ -21,19 +21,19 @@ DATA = Path(__file__).parent / "task_data"
 # name -> (data file, prompt template). Choices are scored as " " + choice after the prompt.
 MULTIPLE_CHOICE_TASKS = {
     "bb_social_iqa": ("social_iqa.jsonl", "Question: {{query}}\nAnswer:"),
-    "bb_hyperbaton": ("hyperbaton.jsonl", ""),  # scores the two sentences themselves
     "bb_movie_recommendation": ("movie_recommendation.jsonl", "Find a movie similar to {{query}}"),
-    "bb_entailed_polarity": ("entailed_polarity.jsonl", "{{query}}\nA:"),
     "bb_general_knowledge": ("general_knowledge.jsonl", "Question: {{query}}\nAnswer:"),
-    "bb_intent_recognition": ("intent_recognition.jsonl", "{{query}}\nIntent:"),
+    "bb_emoji_movie": ("emoji_movie.jsonl", "{{query}}\nAnswer:"),
 }
 PERPLEXITY_TASKS = {"fables_ppl": "fables.jsonl"}
-OFFLINE_SUITE = ["bb_social_iqa", "bb_strategyqa", "bb_physical_intuition", "bb_causal_judgment"]
+OFFLINE_SUITE = list(MULTIPLE_CHOICE_TASKS)
 PERPLEXITY_TASK = "fables_ppl"
 # The paper's nine tasks (lm-eval names; need the dataset hub) and their metric.
 PAPER_TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "hellaswag", "winogrande", "lambada_standard", "sciq",
                "triviaqa"]
-PRIMARY_METRIC = {"triviaqa": "exact_match", "fables_ppl": "word_perplexity"}
+# Social IQa answers differ in length: its length-normalized accuracy is the informative one
+# for small models (SmolLM2-135M: acc 0.29 at chance, acc_norm 0.43).
+PRIMARY_METRIC = {"triviaqa": "exact_match", "fables_ppl": "word_perplexity", "bb_social_iqa": "acc_norm"}
 
 
 def primary_metric(task: str) -> str:

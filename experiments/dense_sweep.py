@@ -34,7 +34,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resolution", type=float, default=0.01, help="--search stops when the bracket is this narrow")
     parser.add_argument("--tasks", nargs="+", default=None,
                         help="lm-eval task names; 'offline' (default) = the shipped suite, 'paper' = the paper's nine")
-    parser.add_argument("--metric", default="acc", help="score of the multiple-choice tasks (acc or acc_norm)")
+    parser.add_argument("--metric", default=None,
+                        help="score of every multiple-choice task (acc or acc_norm; default: each task's own)")
     parser.add_argument("--limit", type=int, default=50, help="first N items of every task (0 = all)")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="sparsify only these layers")
     parser.add_argument("--threshold", type=float, default=0.99, help="normalized score kept at critical sparsity")

@@ -15,8 +15,10 @@ import re
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "common" / "task_data"
-MULTIPLE_CHOICE = {"social_iqa": 300, "hyperbaton": 300, "movie_recommendation": 300, "entailed_polarity": 149,
-                   "general_knowledge": 70, "intent_recognition": 300}
+# Chosen because SmolLM2-135M and Gemma-3-270M score clearly above chance on them (README of
+# task_data); strategyqa, misconceptions, sports_understanding, anachronisms, odd_one_out,
+# hyperbaton, winowhy and others were tried and left out: both models sit at chance there.
+MULTIPLE_CHOICE = {"social_iqa": 300, "movie_recommendation": 300, "general_knowledge": 70, "emoji_movie": 100}
 # hyperbaton's input lists both sentences ("a " ... " b " ... "); we score the sentences themselves.
 HYPERBATON = re.compile(r'a " (.+?) " b " (.+?) "')
 

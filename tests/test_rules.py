@@ -54,6 +54,19 @@ def test_bracketed_topp_matches_full_sort(dtype, width):
             assert torch.equal(a >= _topp_threshold_bracketed(a, p), a >= topp_threshold_reference(a, p)), (p, power)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_p_one_shortcut_matches_full_sort(dtype):
+    from common.rules import topp_threshold
+
+    x = (torch.randn(64, 700) * torch.randn(64, 700).exp()).to(dtype)
+    x[0] = 0  # all zeros: the reference keeps everything
+    x[1, ::3] = 0
+    x[2, 0], x[2, 1] = 1e6, 1e-30  # the tiny entry is absorbed by the float64 cumsum
+    x[3, :] = 1.0  # all ties
+    a = magnitudes(x)
+    assert torch.equal(a >= topp_threshold(a, 1.0), a >= topp_threshold_reference(a, 1.0))
+
+
 def test_keep_mask_any_leading_shape_and_sparsify():
     x = torch.randn(2, 3, 5, 64)
     mask = keep_mask(x, "topp", 0.7)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformers as T
 
-_COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+_COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
 
 _TEXT = {
@@ -38,3 +38,29 @@ def mlp_modules(model):
     from common.sites import layer_list_path
 
     return [layer.mlp for layer in model.get_submodule(layer_list_path(model))]
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (vocab < 96 ids), built offline."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def save_tiny_llama(path, seed: int = 0):
+    """A tiny random Llama plus the char tokenizer, saved as an HF directory."""
+    model = tiny_model("llama", seed)
+    model.config.eos_token_id = 1
+    model.save_pretrained(str(path))
+    char_tokenizer().save_pretrained(str(path))
+    return path

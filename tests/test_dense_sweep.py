@@ -1,0 +1,193 @@
+"""lm-eval bridge, sweep store and resume, critical sparsity, and the dense_sweep script."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.critical import bootstrap_critical, critical_sparsity, paired_bootstrap_ratio
+from common.lm_eval_bridge import SparseHFLM
+from common.store import ResultStore, parse_shard
+from common.sweep import DENSE, SweepRunner, SweepSpec
+from common.tasks import task_manager
+from tiny_models import char_tokenizer, save_tiny_llama, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ["bb_general_knowledge", "fables_ppl"]
+
+
+@pytest.fixture(scope="module")
+def manager():
+    return task_manager()
+
+
+def _evaluate(lm, manager, tasks=("bb_general_knowledge",), limit=12):
+    import lm_eval
+
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                   log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+
+
+def _logliks(output, task):
+    return [[r[0] for r in s["filtered_resps"]] for s in sorted(output["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def test_bridge_at_p_one_equals_plain_hflm(manager):
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    plain = _evaluate(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), manager)
+    sparse_lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, sites="all_inputs", value=1.0)
+    sparse = _evaluate(sparse_lm, manager)
+    assert _logliks(sparse, "bb_general_knowledge") == _logliks(plain, "bb_general_knowledge")
+    assert sparse["results"]["bb_general_knowledge"]["acc,none"] == plain["results"]["bb_general_knowledge"]["acc,none"]
+    assert set(sparse_lm.sparsity_statistics()["summary"]) == {"input", "intermediate", "all_inputs"}
+
+
+def test_bridge_statistics_exclude_padding_and_the_batch_size_probe(manager):
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    counts = {}
+    for batch_size in ("1", "6", "auto:1"):
+        lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=8,
+                        sites="intermediate", value=0.7)
+        _evaluate(lm, manager, tasks=TASKS, limit=6)
+        rows = lm.recorder.rows()
+        counts[batch_size] = {r["layer"]: (r["kept"], r["counted"]) for r in rows}
+    width = model.config.intermediate_size
+    for layer in counts["1"]:
+        unpadded_kept, unpadded_counted = counts["1"][layer]
+        assert unpadded_counted % width == 0
+        for batch_size in ("6", "auto:1"):
+            kept, counted = counts[batch_size][layer]
+            assert counted == unpadded_counted  # padded positions and the probe are not counted
+            assert abs(kept - unpadded_kept) <= 0.001 * unpadded_kept  # same tokens; float noise may flip ties
+
+
+def test_bridge_writes_statistics_file(manager, tmp_path):
+    lm = SparseHFLM(pretrained=tiny_model("llama"), tokenizer=char_tokenizer(), batch_size=4, sites="up+gate",
+                    value=0.8, layers="1", stats_file=str(tmp_path / "stats.json"))
+    _evaluate(lm, manager, limit=4)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["sites"] == ["up", "gate"] and stats["layers"] == [1]
+    assert list(stats["summary"]["up"]["per_layer"]) == ["1"]
+
+
+def test_bridge_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        SparseHFLM(pretrained=tiny_model("llama"), tokenizer=char_tokenizer(), sites="up", value=1.2)
+    with pytest.raises(ValueError, match="unknown FFN site"):
+        SparseHFLM(pretrained=tiny_model("llama"), tokenizer=char_tokenizer(), sites="mlp", value=0.5)
+
+
+def test_sweep_resumes_without_redoing_cells_and_shards_partition(manager, tmp_path):
+    lm = SparseHFLM(pretrained=tiny_model("llama"), tokenizer=char_tokenizer(), batch_size=4)
+    spec = SweepSpec(model="tiny", sites=["intermediate"], tasks=TASKS, grid=[1.0, 0.7, 0.4], limit=3)
+    store = ResultStore(tmp_path / "store")
+    runner = SweepRunner(lm, spec, store, manager, verbose=False)
+    real_evaluate = runner._evaluate
+    calls = []
+
+    def dying(*cell):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed in the middle of the fourth cell
+        calls.append(cell)
+        return real_evaluate(*cell)
+
+    runner._evaluate = dying
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_grid()
+    finished = sorted(p.name for p in store.cells.glob("*.json"))
+    assert len(finished) == 3
+    stamps = {p.name: p.stat().st_mtime_ns for p in store.cells.glob("*.json")}
+    restarted = SweepRunner(lm, spec, store, manager, verbose=False)
+    redone = []
+    restarted._evaluate = lambda *cell: redone.append(cell) or real_evaluate(*cell)
+    restarted.run_grid()
+    assert len(redone) == 2 + 2 * 3 - 3  # 8 cells in all, 3 were finished
+    assert not set(redone) & set(calls)
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in store.cells.glob("*.json") if p.name in stamps)
+    shards = [SweepRunner(lm, spec, store, manager, shard=(k, 3), verbose=False).grid_cells() for k in range(3)]
+    assert sorted(c for s in shards for c in s) == sorted(restarted.grid_cells())
+    assert sum(len(s) for s in shards) == len(restarted.grid_cells())
+
+
+def test_search_brackets_with_fewer_evaluations(manager, tmp_path):
+    lm = SparseHFLM(pretrained=tiny_model("llama"), tokenizer=char_tokenizer(), batch_size=4)
+    spec = SweepSpec(model="tiny", sites=["intermediate"], tasks=["bb_general_knowledge"], limit=4)
+    runner = SweepRunner(lm, spec, ResultStore(tmp_path), manager, verbose=False)
+    result = runner.search_site("intermediate", threshold=0.99, resolution=0.25)
+    assert result["values_evaluated"] <= 5
+    lo, hi = result["bracket"]
+    assert result["status"] != "crossed" or hi - lo <= 0.25
+
+
+def test_critical_sparsity_on_hand_made_curves():
+    crossed = critical_sparsity([0.0, 0.2, 0.4, 0.6], [1.0, 0.995, 0.98, 0.9], values=[1.0, 0.9, 0.8, 0.7])
+    assert crossed.status == "crossed" and crossed.grid == 0.2 and crossed.grid_value == 0.9
+    assert crossed.interpolated == pytest.approx(0.2 + 0.2 * (0.995 - 0.99) / (0.995 - 0.98))
+    never = critical_sparsity([0.1, 0.3], [0.95, 0.9])
+    assert (never.status, never.grid, never.interpolated) == ("never_reached", 0.0, 0.0)
+    above = critical_sparsity([0.1, 0.3], [1.0, 0.999])
+    assert (above.status, above.grid, above.interpolated) == ("all_above", 0.3, 0.3)
+    # non-monotone: a dip below 99% and a noisy recovery; the highest passing point counts
+    bumpy = critical_sparsity([0.0, 0.1, 0.2, 0.3, 0.4], [1.0, 0.98, 1.0, 0.97, 0.9])
+    assert bumpy.grid == 0.2 and 0.2 < bumpy.interpolated < 0.3
+    unsorted = critical_sparsity([0.4, 0.0, 0.2], [0.9, 1.0, 0.995])
+    assert unsorted.grid == 0.2
+
+
+def test_paired_bootstrap_is_paired():
+    dense = np.array([1, 0] * 50, dtype=float)
+    assert paired_bootstrap_ratio(dense, dense) == (1.0, 1.0)  # identical items: no spread at all
+    worse = dense.copy()
+    worse[:10] = 0
+    low, high = paired_bootstrap_ratio(worse, dense)
+    assert low < 0.9 < high < 1.0
+    scores = [dense, worse, np.zeros(100)]
+    low, high = bootstrap_critical([0.0, 0.3, 0.6], scores, dense)
+    assert 0.0 <= low <= high <= 0.6
+
+
+def test_parse_shard():
+    assert parse_shard("2/4") == (1, 4) and parse_shard(None) == (0, 1)
+    with pytest.raises(ValueError, match="K/N"):
+        parse_shard("5/4")
+
+
+def _run(*args, env=None):
+    import os
+
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "dense_sweep.py"), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
+
+
+def test_dense_sweep_script_end_to_end_and_resume(tmp_path):
+    model_dir = save_tiny_llama(tmp_path / "tiny")
+    out = tmp_path / "out"
+    args = ["--model", str(model_dir), "--sites", "intermediate", "input", "--grid", "1.0", "0.5", "--limit", "4",
+            "--tasks", "bb_general_knowledge", "fables_ppl", "--dtype", "float32", "--output", str(out),
+            "--bootstrap", "50", "--effective-rank"]
+    first = _run(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "critical sparsity (task-average curve)" in first.stdout
+    summary = json.loads((out / "critical.json").read_text())
+    assert {c["site"] for c in summary["critical"]} == {"intermediate", "input"}
+    assert (out / "tidy.csv").read_text().count("\n") == 1 + 2 * 2 * 2
+    for figure in ("curve_average.png", "layer_sparsity_input.pdf", "critical_sparsity.png", "effective_rank.png"):
+        assert (out / "figures" / figure).is_file(), figure
+    second = _run(*args)
+    assert second.returncode == 0 and "resuming: 10 of 10 cells" in second.stdout
+
+
+def test_dense_sweep_script_bad_input(tmp_path):
+    result = _run("--model", "no-such-alias")
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: unknown model 'no-such-alias'")
+    result = _run("--model", "smollm2-135m", "--tasks", "arc_easy")
+    assert result.returncode == 2 and "need the dataset hub but HF_DATASETS_OFFLINE=1" in result.stderr
+    result = _run("--grid", "1.0", "1.3")
+    assert result.returncode == 2 and "outside [0, 1]" in result.stderr
