@@ -23,7 +23,7 @@ from lm_eval.models.huggingface import HFLM
 from .hooks import Sparsifier
 from .recorder import SparsityRecorder
 from .rules import validate_rule
-from .sites import expand_sites, resolve_layers
+from .sites import detect_architecture, expand_sites, resolve_layers
 from .stats import summarize
 from .store import atomic_write_json
 
@@ -53,6 +53,35 @@ class _PerTokenKept:
             recorder.add_counts(layer, site, kept[row, :length].sum(), length * self.width[(layer, site)], {})
 
 
+class _PerTokenExpertKept:
+    """MoE variant: kept counts per routed (token, slot) and the slot's expert, per layer and site."""
+
+    def __init__(self, sequence_length: int, num_experts: int):
+        self.length, self.num_experts = sequence_length, num_experts
+        self.calls: dict[tuple[int, str], list] = {}
+
+    def __call__(self, layer, site, kept_slots, selected, top_k_index, width) -> None:
+        if selected is None:
+            selected = torch.ones_like(top_k_index, dtype=torch.bool)
+        entry = self.calls.get((layer, site))
+        if entry is None:  # eager reports one expert at a time: accumulate the slots
+            self.calls[(layer, site)] = [kept_slots * selected, selected.clone(), top_k_index, width]
+        else:
+            entry[0] = entry[0] + kept_slots * selected
+            entry[1] = entry[1] | selected
+
+    def commit_row(self, row: int, length: int, recorder: SparsityRecorder) -> None:
+        start = row * self.length
+        for (layer, site), (kept, selected, top_k_index, width) in self.calls.items():
+            span = slice(start, start + length)
+            experts = top_k_index[span].reshape(-1)
+            weight = selected[span].reshape(-1).long()
+            zeros = torch.zeros(self.num_experts, dtype=torch.long, device=experts.device)
+            routed = zeros.index_add(0, experts, weight)
+            recorder.add_expert_counts(layer, site, zeros.index_add(0, experts, kept[span].reshape(-1).long() * weight),
+                                       routed * width, routed, {})
+
+
 @register_model("sparse-hf")
 class SparseHFLM(HFLM):
     """HFLM with per-token FFN sparsification; ``sites=None`` evaluates the dense model."""
@@ -60,6 +89,11 @@ class SparseHFLM(HFLM):
     def __init__(self, pretrained, sites=None, rule: str = "topp", value: float = 1.0, power: float = 1.0,
                  layers=None, stats_file: str | None = None, **kwargs):
         super().__init__(pretrained=pretrained, **kwargs)
+        self.is_moe = detect_architecture(self.model).is_moe
+        if self.is_moe:
+            from moe_sparsity.experts import experts_modules
+
+            self.num_experts = next(iter(experts_modules(self.model).values())).num_experts
         self.recorder = SparsityRecorder()
         self.stats_file = stats_file
         self._pending: _PerTokenKept | None = None
@@ -83,15 +117,25 @@ class SparseHFLM(HFLM):
         self.recorder.reset()
         self._pending = None
 
-    def _sparsifier(self, recorder: SparsityRecorder) -> Sparsifier:
+    def _sparsifier(self, recorder: SparsityRecorder, per_token_sink=None):
+        if self.is_moe:
+            from moe_sparsity.experts import ExpertSparsifier
+
+            return ExpertSparsifier(self.model, self.sites, self.rule, self.value, self.power, self.layers,
+                                    recorder, per_token_sink)
         return Sparsifier(self.model, self.sites, self.rule, self.value, self.power, self.layers, recorder)
 
     # ---- model calls ---------------------------------------------------------------------------
     def _model_call(self, inps, attn_mask=None, labels=None):
         if not self.sites:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-        per_token = _PerTokenKept()
-        with self._sparsifier(SparsityRecorder([per_token])):
+        if self.is_moe:
+            per_token = _PerTokenExpertKept(inps.shape[1], self.num_experts)
+            sparsifier = self._sparsifier(SparsityRecorder(), per_token_sink=per_token)
+        else:
+            per_token = _PerTokenKept()
+            sparsifier = self._sparsifier(SparsityRecorder([per_token]))
+        with sparsifier:
             logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         self._pending, self._pending_row = per_token, 0
         return logits
@@ -135,6 +179,10 @@ class SparseHFLM(HFLM):
         rows = self.recorder.rows()
         out = {"sites": self.sites, "rule": self.rule, "value": self.value, "power": self.power,
                "layers": self.layers, "summary": summarize(rows)}
+        if self.is_moe:
+            expert_rows = self.recorder.expert_rows()
+            out["experts"] = expert_rows
+            out["summary"] = summarize(expert_rows)
         phases = {row.get("phase") for row in rows} - {None}
         for phase in sorted(phases):
             out[f"summary_{phase}"] = summarize(rows, phase=phase)

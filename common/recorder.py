@@ -43,6 +43,10 @@ class SparsityRecorder:
         self.kept: dict[tuple, torch.Tensor] = {}
         self.counted: dict[tuple, torch.Tensor] = {}
         self.forwards: dict[tuple, int] = {}
+        # MoE: per (layer, site, context) vectors over experts, [E] device tensors.
+        self.expert_kept: dict[tuple, torch.Tensor] = {}
+        self.expert_counted: dict[tuple, torch.Tensor] = {}
+        self.expert_routed: dict[tuple, torch.Tensor] = {}
         self._context: dict = {}
         self._call_valid: torch.Tensor | None = None
         self._explicit_valid: torch.Tensor | None = None
@@ -138,10 +142,40 @@ class SparsityRecorder:
         else:
             self.kept[key], self.counted[key], self.forwards[key] = kept, counted, 1
 
+    def add_expert_counts(self, layer: int, site: str, kept: torch.Tensor, counted: torch.Tensor,
+                          routed: torch.Tensor, context: dict | None = None) -> None:
+        """Add per-expert vectors [E]: kept entries, counted entries, routed real tokens."""
+        if not self.enabled:
+            return
+        key = (layer, site, tuple(sorted((self._context if context is None else context).items())))
+        if key in self.expert_kept:
+            self.expert_kept[key] = self.expert_kept[key] + kept
+            self.expert_counted[key] = self.expert_counted[key] + counted
+            self.expert_routed[key] = self.expert_routed[key] + routed
+        else:
+            self.expert_kept[key], self.expert_counted[key], self.expert_routed[key] = kept, counted, routed
+
+    def expert_rows(self) -> list[dict]:
+        """One dict per (layer, site, context, expert); sparsity is None for experts no token reached."""
+        out = []
+        for key in sorted(self.expert_kept, key=lambda k: (k[0], k[1], str(k[2]))):
+            layer, site, context = key
+            kept = self.expert_kept[key].tolist()
+            counted = self.expert_counted[key].tolist()
+            routed = self.expert_routed[key].tolist()
+            for expert, (k, c, r) in enumerate(zip(kept, counted, routed)):
+                out.append({"layer": layer, "site": site, **dict(context), "expert": expert, "kept": int(k),
+                            "counted": int(c), "routed_tokens": int(r),
+                            "sparsity": (1.0 - k / c) if c else None})
+        return out
+
     def reset(self) -> None:
         self.kept.clear()
         self.counted.clear()
         self.forwards.clear()
+        self.expert_kept.clear()
+        self.expert_counted.clear()
+        self.expert_routed.clear()
 
     def rows(self) -> list[dict]:
         """One dict per key: layer, site, context fields, kept, counted, sparsity, forwards."""

@@ -82,6 +82,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # Fused-experts MoE blocks (transformers 5): experts are 3D parameters, not modules.
     Architecture("qwen3_moe", ("qwen3_moe",), _HF_DECODER, experts="mlp.experts", router="mlp.gate"),
     Architecture("olmoe", ("olmoe",), _HF_DECODER, experts="mlp.experts", router="mlp.gate"),
+    Architecture("mixtral", ("mixtral",), _HF_DECODER, experts="mlp.experts", router="mlp.gate"),
 )
 
 _BY_MODEL_TYPE = {t: row for row in ARCHITECTURES for t in row.model_types}

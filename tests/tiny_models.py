@@ -64,3 +64,22 @@ def save_tiny_llama(path, seed: int = 0):
     model.save_pretrained(str(path))
     char_tokenizer().save_pretrained(str(path))
     return path
+
+
+MOE_ARCHITECTURES = ["qwen3_moe", "olmoe", "mixtral"]
+
+
+def tiny_moe(name: str, experts: int = 6, top_k: int = 2, seed: int = 0) -> torch.nn.Module:
+    """Tiny fused-experts MoE models (transformers 5 layout)."""
+    torch.manual_seed(seed)
+    shared = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_experts_per_tok=top_k, pad_token_id=0, eos_token_id=1)
+    if name == "qwen3_moe":
+        config = T.Qwen3MoeConfig(**shared, intermediate_size=64, moe_intermediate_size=48, num_key_value_heads=2,
+                                  num_experts=experts, head_dim=8, norm_topk_prob=True)
+        return T.Qwen3MoeForCausalLM(config).eval()
+    if name == "olmoe":
+        config = T.OlmoeConfig(**shared, intermediate_size=48, num_key_value_heads=4, num_experts=experts)
+        return T.OlmoeForCausalLM(config).eval()
+    config = T.MixtralConfig(**shared, intermediate_size=48, num_key_value_heads=2, num_local_experts=experts)
+    return T.MixtralForCausalLM(config).eval()

@@ -1,0 +1,273 @@
+"""Per-expert sparsification of transformers 5 fused-experts MoE blocks (Qwen3-MoE, OLMoE, Mixtral).
+
+Experts are fused 3D parameters (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``), so there
+are no per-expert modules to hook. ``ExpertSparsifier`` instead:
+
+* sparsifies the experts' *input* in a forward pre-hook on the experts module: top-p is row-wise,
+  so masking each token's hidden state once equals masking it in every routed row, and the
+  router, which runs before the experts, still sees the dense hidden state;
+* sparsifies *up*, *gate* and *intermediate* in the gating step of the experts computation. The
+  ``grouped_mm`` and ``batched_mm`` backends run through transformers' own functions, called
+  with an adapter whose ``_apply_gate`` applies the rule; ``eager`` runs a loop that mirrors
+  transformers' eager loop operation for operation. At p = 1 the arithmetic is therefore the
+  stock backend's, bit for bit.
+
+The backends are registered in ``ALL_EXPERTS_FUNCTIONS`` as ``activation_sparsity_<backend>``
+and selected with ``model.set_experts_implementation`` only inside the context. Statistics per
+(layer, expert, site): kept and counted entries and routed real tokens, from each routed row's
+expert id; padding is excluded with the recorder's valid-token mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers.integrations.moe import (
+    ALL_EXPERTS_FUNCTIONS,
+    _default_apply_gate,
+    batched_mm_experts_forward,
+    grouped_mm_experts_forward,
+)
+
+from common.hooks import _call_attention_mask, _call_phase
+from common.recorder import SparsityRecorder
+from common.rules import keep_mask, validate_rule
+from common.sites import detect_architecture, expand_sites, layer_list_path, resolve_layers
+
+SUPPORTED_BACKENDS = ("grouped_mm", "batched_mm", "eager")
+_PREFIX = "activation_sparsity_"
+
+
+class _Rows:
+    """How the rows of one experts call map to (token, top-k slot) and experts."""
+
+    def __init__(self, top_k_index: torch.Tensor, backend: str):
+        self.top_k_index = top_k_index
+        self.tokens, self.top_k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        if backend == "grouped_mm":
+            self.experts, self.perm = torch.sort(flat)  # the same call as transformers: same order
+        else:
+            self.experts, self.perm = flat, None
+
+    def to_slots(self, per_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-row values (in the backend's row order) -> ([tokens, top_k], None: every slot)."""
+        if self.perm is None:
+            return per_row.reshape(self.tokens, self.top_k), None
+        slots = torch.empty_like(per_row)
+        slots[self.perm] = per_row
+        return slots.reshape(self.tokens, self.top_k), None
+
+
+class _ExpertRows:
+    """Rows of one expert in the eager loop: the (token, slot) pairs routed to it."""
+
+    def __init__(self, top_k_index: torch.Tensor, token_idx: torch.Tensor, top_k_pos: torch.Tensor):
+        self.top_k_index, self.token_idx, self.top_k_pos = top_k_index, token_idx, top_k_pos
+
+    def to_slots(self, per_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = torch.zeros(self.top_k_index.shape, dtype=per_row.dtype, device=per_row.device)
+        slots[self.token_idx, self.top_k_pos] = per_row
+        selected = torch.zeros(self.top_k_index.shape, dtype=torch.bool, device=per_row.device)
+        selected[self.token_idx, self.top_k_pos] = True
+        return slots, selected
+
+
+class _ExpertState:
+    """What the experts computation of one layer needs during a forward (kept on the module)."""
+
+    def __init__(self, owner: "ExpertSparsifier", layer: int):
+        self.owner, self.layer = owner, layer
+        self.rows: _Rows | None = None
+
+    def cut(self, tensor: torch.Tensor, site: str, rows) -> torch.Tensor:
+        """Apply the rule to ``tensor`` rows if ``site`` is chosen; report kept counts per slot."""
+        owner = self.owner
+        if site not in owner.sites:
+            return tensor
+        mask = keep_mask(tensor, owner.rule, owner.value, owner.power)
+        slots, selected = rows.to_slots(mask.sum(dim=-1))
+        owner._report(self.layer, site, slots, selected, rows.top_k_index, tensor.shape[-1])
+        return tensor.masked_fill(~mask, 0)
+
+    def apply_gate(self, module: nn.Module, gate_up_out: torch.Tensor, rows=None) -> torch.Tensor:
+        """act(gate) * up, as transformers' default gate, with the rule at up, gate, intermediate."""
+        rows = rows or self.rows
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        up = self.cut(up, "up", rows)
+        activated = self.cut(module.act_fn(gate), "gate", rows)
+        return self.cut(activated * up, "intermediate", rows)
+
+
+class _GateAdapter:
+    """Stands in for the experts module inside transformers' backend functions; only the gating
+    step differs (it applies the rule), every other attribute is the module's own."""
+
+    def __init__(self, module: nn.Module, state: _ExpertState):
+        self._module, self._state = module, state
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        return self._state.apply_gate(self._module, gate_up_out)
+
+
+def _eager_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' eager experts loop, with the gating step going through the sparsifier."""
+    state: _ExpertState = self._activation_sparsity
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+        expert_mask = expert_mask.permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert_idx in expert_hit:
+        expert_idx = expert_idx[0]
+        if expert_idx == self.num_experts:
+            continue
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        rows = _ExpertRows(top_k_index, token_idx, top_k_pos)
+        current_state = hidden_states[token_idx]
+        gate_up = nn.functional.linear(current_state, self.gate_up_proj[expert_idx])
+        current_hidden_states = state.apply_gate(self, gate_up, rows)
+        current_hidden_states = nn.functional.linear(current_hidden_states, self.down_proj[expert_idx])
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+    return final_hidden_states
+
+
+def _dispatch(stock):
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        state = getattr(self, "_activation_sparsity", None)
+        if state is None:  # outside an ExpertSparsifier: behave as the stock backend
+            return stock(self, hidden_states, top_k_index, top_k_weights)
+        return stock(_GateAdapter(self, state), hidden_states, top_k_index, top_k_weights)
+    return forward
+
+
+def _eager_dispatch(self, hidden_states, top_k_index, top_k_weights):
+    return _eager_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+ALL_EXPERTS_FUNCTIONS.register(_PREFIX + "grouped_mm", _dispatch(grouped_mm_experts_forward))
+ALL_EXPERTS_FUNCTIONS.register(_PREFIX + "batched_mm", _dispatch(batched_mm_experts_forward))
+ALL_EXPERTS_FUNCTIONS.register(_PREFIX + "eager", _eager_dispatch)
+
+
+def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """Layer index -> fused experts module; a clear error for a layout this package does not know."""
+    arch = detect_architecture(model)
+    if not arch.is_moe:
+        raise ValueError(f"{arch.name} is not a mixture-of-experts model; use experiments/dense_sweep.py for it")
+    prefix = layer_list_path(model, arch)
+    out = {}
+    for index, layer in enumerate(model.get_submodule(prefix)):
+        try:
+            module = layer.get_submodule(arch.experts)
+        except AttributeError:
+            continue  # a dense layer inside an MoE model (e.g. Qwen3-MoE mlp_only_layers)
+        params = dict(module.named_parameters(recurse=False))
+        gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+        if (gate_up is None or down is None or gate_up.dim() != 3 or getattr(module, "has_bias", False)
+                or getattr(module, "is_transposed", False) or not getattr(module, "has_gate", True)
+                or not getattr(module, "is_concatenated", True)
+                or type(module)._apply_gate is not _default_apply_gate):
+            raise ValueError(f"unrecognised MoE experts layout at {prefix}.{index}.{arch.experts} "
+                             f"({type(module).__name__}); supported: fused gate_up_proj [E, 2I, H] without bias")
+        out[index] = module
+    if not out:
+        raise ValueError(f"no fused experts found under {prefix}.*.{arch.experts}")
+    return out
+
+
+class ExpertSparsifier:
+    """Context manager: sparsify expert sites with a rule; counts per (layer, expert, site).
+
+    ``per_token_sink(layer, site, kept_slots [T, K], selected, top_k_index [T, K], width)`` gets the
+    kept count of every routed (token, slot) when given (the lm-eval bridge commits them later
+    with lm-eval's own request lengths); otherwise counts go to ``recorder`` right away.
+    """
+
+    def __init__(self, model: nn.Module, sites="intermediate", rule: str = "topp", value: float = 1.0,
+                 power: float = 1.0, layers=None, recorder: SparsityRecorder | None = None,
+                 per_token_sink=None):
+        validate_rule(rule, value, power)
+        self.model = model
+        self.modules = experts_modules(model)
+        chosen = set(resolve_layers(model, layers))
+        self.modules = {i: m for i, m in self.modules.items() if i in chosen}
+        self.sites = set(expand_sites(sites))
+        self.rule, self.value, self.power = rule, float(value), float(power)
+        self.recorder = recorder if recorder is not None else SparsityRecorder()
+        self.per_token_sink = per_token_sink
+        self.backend = getattr(model.config, "_experts_implementation", None) or "grouped_mm"
+        if self.backend.startswith(_PREFIX):
+            self.backend = self.backend[len(_PREFIX):]
+        if self.backend not in SUPPORTED_BACKENDS:
+            raise ValueError(f"experts backend {self.backend!r} is not supported; call "
+                             f"model.set_experts_implementation(one of {', '.join(SUPPORTED_BACKENDS)}) first")
+        self.num_experts = next(iter(self.modules.values())).num_experts
+        self._handles: list = []
+        self._valid: torch.Tensor | None = None
+
+    # ---- counting -------------------------------------------------------------------------------
+    def _report(self, layer: int, site: str, kept_slots: torch.Tensor, selected: torch.Tensor | None,
+                top_k_index: torch.Tensor, width: int) -> None:
+        """Kept counts of routed (token, slot) pairs [T, K] (only ``selected`` ones if given)."""
+        if self.per_token_sink is not None:
+            self.per_token_sink(layer, site, kept_slots, selected, top_k_index, width)
+            return
+        weight = torch.ones(top_k_index.shape, dtype=torch.long, device=top_k_index.device)
+        if self._valid is not None:
+            weight = weight * self._valid.reshape(-1, 1).long()
+        if selected is not None:
+            weight = weight * selected.long()
+        flat = top_k_index.reshape(-1)
+        zeros = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device)
+        kept = zeros.index_add(0, flat, (kept_slots.long() * weight).reshape(-1))
+        routed = zeros.index_add(0, flat, weight.reshape(-1))
+        self.recorder.add_expert_counts(layer, site, kept, routed * width, routed)
+
+    # ---- hooks ----------------------------------------------------------------------------------
+    def _root_pre_hook(self, module, args, kwargs):
+        self.recorder.begin_call(_call_attention_mask(args, kwargs), _call_phase(args, kwargs))
+
+    def _experts_pre_hook(self, layer, module, args, kwargs):
+        hidden_states, top_k_index = args[0] if args else kwargs["hidden_states"], \
+            args[1] if len(args) > 1 else kwargs["top_k_index"]
+        state: _ExpertState = module._activation_sparsity
+        state.rows = _Rows(top_k_index, self.backend)
+        self._valid = self.recorder.valid_for(hidden_states) if self.recorder.enabled else None
+        if "input" not in self.sites:
+            return None
+        mask = keep_mask(hidden_states, self.rule, self.value, self.power)
+        kept = mask.sum(dim=-1, keepdim=True).expand(top_k_index.shape)
+        self._report(layer, "input", kept, None, top_k_index, hidden_states.shape[-1])
+        sparse = hidden_states.masked_fill(~mask, 0)
+        if args:
+            return (sparse,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": sparse}
+
+    def __enter__(self):
+        self._saved_backend = self.model.config._experts_implementation
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+            for layer, module in self.modules.items():
+                module._activation_sparsity = _ExpertState(self, layer)
+                self._handles.append(module.register_forward_pre_hook(
+                    lambda m, a, k, layer=layer: self._experts_pre_hook(layer, m, a, k), with_kwargs=True))
+            self.model.set_experts_implementation(_PREFIX + self.backend)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self.modules.values():
+            if hasattr(module, "_activation_sparsity"):
+                del module._activation_sparsity
+        if getattr(self, "_saved_backend", None) is not None:
+            self.model.set_experts_implementation(self._saved_backend)
