@@ -113,8 +113,12 @@ class SweepRunner:
         metrics = {name.split(",")[0]: value for name, value in output["results"][task].items()
                    if isinstance(value, (int, float)) and "stderr" not in name}
         stats = self.lm.sparsity_statistics()
-        return {"metrics": metrics, "items": _items_from_samples(output["samples"][task], task),
-                "sparsity": stats["summary"], "seconds": seconds}
+        result = {"metrics": metrics, "items": _items_from_samples(output["samples"][task], task),
+                  "sparsity": stats["summary"], "seconds": seconds}
+        if "experts" in stats:  # MoE: per (layer, site, expert) counts
+            result["experts"] = [{k: r[k] for k in ("layer", "site", "expert", "kept", "counted", "routed_tokens")}
+                                 for r in stats["experts"]]
+        return result
 
     # ---- grid ----------------------------------------------------------------------------------
     def grid_cells(self) -> list[tuple[str, float, str]]:

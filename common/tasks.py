@@ -121,3 +121,12 @@ def check_tasks(names: list[str]) -> None:
     if unknown_offline and os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise ValueError(f"tasks {', '.join(unknown_offline)} need the dataset hub but HF_DATASETS_OFFLINE=1; "
                          f"use the offline suite ({', '.join(OFFLINE_SUITE + [PERPLEXITY_TASK])}) or go online")
+
+
+def resolve_task_names(names: list[str] | None) -> list[str]:
+    """'offline' (default) = the shipped suite plus its perplexity task; 'paper' = the paper's nine."""
+    if not names or names == ["offline"]:
+        return OFFLINE_SUITE + [PERPLEXITY_TASK]
+    if names == ["paper"]:
+        return list(PAPER_TASKS)
+    return names

@@ -19,7 +19,7 @@ from common.cli import default_device, parse_dtype, run_main
 from common.critical import PAPER_DENSE_GRID
 from common.sites import SITES
 from common.store import ResultStore, atomic_write_json, parse_shard
-from common.tasks import OFFLINE_SUITE, PAPER_TASKS, PERPLEXITY_TASK, check_tasks
+from common.tasks import OFFLINE_SUITE, PERPLEXITY_TASK, check_tasks, resolve_task_names
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,19 +43,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples")
     parser.add_argument("--effective-rank", action="store_true", help="effective rank per layer and site (dense)")
     parser.add_argument("--batch-size", default="16")
+    parser.add_argument("--mc-num", type=int, default=128, help="LLaDA: Monte Carlo samples per likelihood")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default bfloat16)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or 'auto' (device_map=auto)")
     parser.add_argument("--output", default=None, help="results folder (default results/dense_sweep/<model>)")
     parser.add_argument("--shard", default=None, help="K/N: this process evaluates the K-th of N cell shards")
     return parser.parse_args()
-
-
-def resolve_tasks(names: list[str] | None) -> list[str]:
-    if not names or names == ["offline"]:
-        return OFFLINE_SUITE + [PERPLEXITY_TASK]
-    if names == ["paper"]:
-        return list(PAPER_TASKS)
-    return names
 
 
 def main() -> None:
@@ -70,7 +63,7 @@ def main() -> None:
     from common.tasks import task_manager
 
     sites = list(SITES) if args.sites == ["all"] else args.sites
-    tasks = resolve_tasks(args.tasks)
+    tasks = resolve_task_names(args.tasks)
     check_tasks(tasks)
     shard = parse_shard(args.shard)
     spec = SweepSpec(model=args.model, sites=sites, tasks=tasks, rule=args.rule, power=args.power,
@@ -83,10 +76,20 @@ def main() -> None:
     device = default_device(None if args.device == "auto" else args.device)
     dtype = parse_dtype(args.dtype) or torch.bfloat16
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    model, tokenizer = load_causal_lm(args.model, dtype=dtype, device=device,
-                                      device_map="auto" if args.device == "auto" else None)
-    lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, softmax_dtype="float32",
-                    device=str(model.device))
+    from llada_sparsity.modeling import is_llada_name
+
+    if is_llada_name(args.model):  # scored with LLaDA's Monte Carlo likelihood (perplexity tasks unsupported)
+        from llada_sparsity.lm_eval_llada import LLaDALM
+
+        lm = LLaDALM(args.model, dtype=dtype, device=device, mc_num=args.mc_num, batch_size=int(args.batch_size))
+        model, tokenizer = lm.model, lm.tokenizer
+        tasks = [t for t in tasks if t != PERPLEXITY_TASK]
+        spec.tasks = tasks
+    else:
+        model, tokenizer = load_causal_lm(args.model, dtype=dtype, device=device,
+                                          device_map="auto" if args.device == "auto" else None)
+        lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, softmax_dtype="float32",
+                        device=str(model.device))
     manager = task_manager(include_defaults=any(t not in OFFLINE_SUITE + [PERPLEXITY_TASK] for t in tasks))
     name = Path(args.model).name if Path(args.model).is_dir() else args.model.replace("/", "--")
     output = Path(args.output or Path("results") / "dense_sweep" / name)

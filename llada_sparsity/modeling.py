@@ -180,3 +180,11 @@ def load_llada(path_or_id: str, dtype: torch.dtype | str | None = None, device: 
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
+
+
+def is_llada_name(name: str) -> bool:
+    """True for a LLaDA alias, or a local directory holding an official LLaDA config."""
+    if name in LLADA_ALIASES or name.startswith("GSAI-ML/LLaDA"):
+        return True
+    config = Path(name).expanduser() / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "llada"

@@ -243,3 +243,30 @@ def test_llada_jaccard_script_bad_input_is_one_line(golden_with_tokenizer):
                                                   "between 0 and 1"]
     result = _run_script("--model", str(golden_with_tokenizer), "--gen-length", "10", "--block-length", "4")
     assert result.returncode == 2 and "not divisible by block_length" in result.stderr
+
+
+def test_llada_lm_eval_model_at_p_one_equals_dense_and_counts(golden_with_tokenizer):
+    import lm_eval
+
+    from common.tasks import task_manager
+    from llada_sparsity.lm_eval_llada import LLaDALM
+
+    manager = task_manager()
+
+    def run(**sparsity):
+        lm = LLaDALM(str(golden_with_tokenizer), mc_num=4, batch_size=4, steps=4, gen_length=4, block_length=4,
+                     **sparsity)
+        out = lm_eval.simple_evaluate(model=lm, tasks=["bb_general_knowledge"], task_manager=manager, limit=3,
+                                      log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+        lls = [[r[0] for r in s["filtered_resps"]] for s in out["samples"]["bb_general_knowledge"]]
+        return lls, lm
+
+    dense, _ = run()
+    same, lm = run(sites="intermediate", value=1.0)
+    assert same == dense  # same seed, p = 1 keeps every non-zero entry
+    sparse, lm = run(sites="intermediate", value=0.5)
+    assert sparse != dense
+    summary = lm.sparsity_statistics()["summary"]["intermediate"]
+    assert 0.3 < summary["element_weighted"] < 0.99
+    with pytest.raises(NotImplementedError, match="perplexity tasks are not supported"):
+        lm.loglikelihood_rolling([])

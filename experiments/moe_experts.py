@@ -1,0 +1,99 @@
+"""MoE: one global rule value for every expert; critical sparsity, then per-expert sparsity.
+
+Default: an MoE built offline from the real SmolLM2-135M (MoEfication, Mixtral layout, 16
+experts, 8 active), the offline task suite, the intermediate site and the paper's MoE grid.
+
+    python experiments/moe_experts.py
+    python experiments/moe_experts.py --model qwen3-30b-a3b --device auto --tasks paper --sites intermediate input
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from common.cli import default_device, parse_dtype, run_main
+from common.critical import PAPER_MOE_GRID
+from common.sites import SITES
+from common.store import ResultStore, atomic_write_json, parse_shard
+from common.tasks import OFFLINE_SUITE, PERPLEXITY_TASK, check_tasks, resolve_task_names
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="moefied-smollm2-135m",
+                        help="qwen3-30b-a3b, olmoe-1b-7b, a hub id, a local directory, or moefied-smollm2-135m")
+    parser.add_argument("--sites", nargs="+", default=["intermediate"], help=f"any of {', '.join(SITES)}, or all")
+    parser.add_argument("--rule", default="topp", choices=["topp", "maxp", "topk"])
+    parser.add_argument("--power", type=float, default=1.0)
+    parser.add_argument("--grid", type=float, nargs="+", default=None, help="rule values (default: the paper's MoE grid)")
+    parser.add_argument("--search", action="store_true", help="bisect for the critical value instead of the grid")
+    parser.add_argument("--resolution", type=float, default=0.01)
+    parser.add_argument("--tasks", nargs="+", default=None, help="'offline' (default), 'paper', or lm-eval task names")
+    parser.add_argument("--metric", default=None)
+    parser.add_argument("--limit", type=int, default=30, help="first N items of every task (0 = all)")
+    parser.add_argument("--threshold", type=float, default=0.99)
+    parser.add_argument("--bootstrap", type=int, default=500)
+    parser.add_argument("--experts-implementation", default=None, choices=["grouped_mm", "batched_mm", "eager"])
+    parser.add_argument("--batch-size", default="16")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default) | float16")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or 'auto' (device_map=auto)")
+    parser.add_argument("--output", default=None, help="results folder (default results/moe_experts/<model>)")
+    parser.add_argument("--shard", default=None, help="K/N: evaluate the K-th of N cell shards")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    from common.analysis import write_report
+    from common.lm_eval_bridge import SparseHFLM
+    from common.rules import validate_rule
+    from common.sweep import SweepRunner, SweepSpec
+    from common.tasks import task_manager
+    from moe_sparsity.models import load_moe
+    from moe_sparsity.study import write_expert_study
+
+    sites = list(SITES) if args.sites == ["all"] else args.sites
+    tasks = resolve_task_names(args.tasks)
+    check_tasks(tasks)
+    shard = parse_shard(args.shard)
+    grid = args.grid or list(PAPER_MOE_GRID)
+    for value in grid:
+        validate_rule(args.rule, value, args.power)
+    device = default_device(None if args.device == "auto" else args.device)
+    dtype = parse_dtype(args.dtype) or torch.bfloat16
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    model, tokenizer = load_moe(args.model, dtype, device, "auto" if args.device == "auto" else None,
+                                args.experts_implementation)
+    lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, softmax_dtype="float32",
+                    device=str(model.device))
+    spec = SweepSpec(model=args.model, sites=sites, tasks=tasks, rule=args.rule, power=args.power, grid=grid,
+                     limit=args.limit or None, metric=args.metric)
+    name = Path(args.model).name if Path(args.model).is_dir() else args.model.replace("/", "--")
+    output = Path(args.output or Path("results") / "moe_experts" / name)
+    store = ResultStore(output)
+    manager = task_manager(include_defaults=any(t not in OFFLINE_SUITE + [PERPLEXITY_TASK] for t in tasks))
+    runner = SweepRunner(lm, spec, store, manager, shard)
+    extra = {"experts_implementation": model.config._experts_implementation}
+    if args.search:
+        extra["search"] = [runner.search_site(site, args.threshold, args.resolution)
+                           for index, site in enumerate(sites) if index % shard[1] == shard[0]]
+        atomic_write_json(output / "search.json", extra["search"])
+    else:
+        runner.run_grid()
+    summary = write_report(store, spec, output, args.threshold, 1.0, args.bootstrap, extra)
+    experts = write_expert_study(store, spec, summary["critical"], output)
+    for site, entry in experts.items():
+        print(f"{site}: critical value p={entry['critical_value']} (measured sparsity "
+              f"{entry['critical_sparsity']['grid']:.3f}); per layer min / mean / max expert sparsity:")
+        for row in entry["per_layer_pooled"]:
+            print(f"  layer {row['layer']:>2}: {row['min']:.3f} / {row['mean']:.3f} / {row['max']:.3f} "
+                  f"(std {row['std']:.3f}, {row['experts_unrouted']} unrouted)")
+    print(f"results: {output}/experts.json, expert_layers_*.csv, critical.json, figures/")
+
+
+if __name__ == "__main__":
+    run_main(main)
