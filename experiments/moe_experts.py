@@ -34,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--metric", default=None)
     parser.add_argument("--limit", type=int, default=30, help="first N items of every task (0 = all)")
     parser.add_argument("--threshold", type=float, default=0.99)
+    parser.add_argument("--critical-value", type=float, default=None,
+                        help="report experts at this rule value instead of the measured critical one")
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--experts-implementation", default=None, choices=["grouped_mm", "batched_mm", "eager"])
     parser.add_argument("--batch-size", default="16")
@@ -85,10 +87,11 @@ def main() -> None:
     else:
         runner.run_grid()
     summary = write_report(store, spec, output, args.threshold, 1.0, args.bootstrap, extra)
-    experts = write_expert_study(store, spec, summary["critical"], output)
+    experts = write_expert_study(store, spec, summary["critical"], output, args.critical_value)
     for site, entry in experts.items():
-        print(f"{site}: critical value p={entry['critical_value']} (measured sparsity "
-              f"{entry['critical_sparsity']['grid']:.3f}); per layer min / mean / max expert sparsity:")
+        print(f"{site}: experts at p={entry['critical_value']} (critical sparsity of the task-average curve "
+              f"{entry['critical_sparsity'].get('grid', 0):.3f}, {entry['critical_sparsity'].get('status')}); "
+              "per layer min / mean / max expert sparsity:")
         for row in entry["per_layer_pooled"]:
             print(f"  layer {row['layer']:>2}: {row['min']:.3f} / {row['mean']:.3f} / {row['max']:.3f} "
                   f"(std {row['std']:.3f}, {row['experts_unrouted']} unrouted)")

@@ -51,14 +51,18 @@ def layer_summary(frame: pd.DataFrame) -> pd.DataFrame:
     return stats.merge(counts, on=["task", "site", "layer"])
 
 
-def write_expert_study(store: ResultStore, spec: SweepSpec, critical: list[dict], output: Path) -> dict:
+def write_expert_study(store: ResultStore, spec: SweepSpec, critical: list[dict], output: Path,
+                       value_override: float | None = None) -> dict:
+    """Expert tables and figures at each site's critical value (or at ``value_override``)."""
     out = {}
     for entry in critical:
         site = entry["site"]
-        curve = entry.get("task_average_curve")
-        if not curve or curve.get("grid_value") is None:
+        curve = entry.get("task_average_curve") or {}
+        value = value_override if value_override is not None else curve.get("grid_value")
+        if value is None:
+            print(f"{site}: no evaluated value keeps {curve.get('status', 'the threshold')}; "
+                  "pass --critical-value to report experts at a chosen value")
             continue
-        value = curve["grid_value"]
         frame = expert_frame(store, spec, site, value)
         if frame.empty:
             continue

@@ -148,3 +148,66 @@ def test_bad_input():
     model.config._experts_implementation = "sonicmoe"
     with pytest.raises(ValueError, match="backend 'sonicmoe' is not supported"):
         ExpertSparsifier(model, "up", "topp", 0.5)
+
+
+def test_balanced_assignment_gives_equal_experts():
+    from moe_sparsity.moefy import balanced_kmeans
+
+    labels = balanced_kmeans(torch.randn(96, 20), 8)
+    assert torch.bincount(labels, minlength=8).tolist() == [12] * 8
+
+
+def test_moefication_with_every_expert_active_reproduces_the_dense_model():
+    from moe_sparsity.moefy import moefy
+
+    dense, tokenizer = tiny_model("llama"), char_tokenizer()
+    moe, report = moefy(dense, tokenizer, experts=4, top_k=4, router_scale=1e-6, calibration_tokens=256)
+    assert type(moe).__name__ == "MixtralForCausalLM" and len(report["router_fit_r2"]) == 2
+    torch.testing.assert_close(_logits(moe), _logits(dense), atol=1e-4, rtol=0)
+    routed, _ = moefy(dense, tokenizer, experts=4, top_k=2, calibration_tokens=256)
+    assert not torch.allclose(_logits(routed), _logits(dense), atol=1e-4)  # half the clusters per token
+
+
+def _moe_script(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(repo / "experiments" / "moe_experts.py"), *args], capture_output=True,
+                          text=True, cwd=repo, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+
+
+def test_moe_experts_script_end_to_end(tmp_path):
+    import json
+
+    model_dir = tmp_path / "moe"
+    tiny_moe("qwen3_moe").save_pretrained(str(model_dir))
+    char_tokenizer().save_pretrained(str(model_dir))
+    out = tmp_path / "out"
+    result = _moe_script("--model", str(model_dir), "--grid", "1.0", "0.9", "0.5", "--limit", "4", "--tasks",
+                         "bb_general_knowledge", "bb_emoji_movie", "--dtype", "float32", "--bootstrap", "20",
+                         "--output", str(out), "--experts-implementation", "eager",
+                         "--critical-value", "0.9")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the weights need about" in result.stdout
+    experts = json.loads((out / "experts.json").read_text())
+    layers = experts["intermediate"]["per_layer_pooled"]
+    assert [row["layer"] for row in layers] == [0, 1]
+    assert all(row["min"] <= row["mean"] <= row["max"] for row in layers)
+    for figure in ("expert_minmeanmax_intermediate.png", "expert_heatmap_intermediate.pdf",
+                   "expert_sparsity_vs_tokens_intermediate.png", "expert_task_spread_intermediate.png"):
+        assert (out / "figures" / figure).is_file(), figure
+
+
+def test_moe_experts_script_rejects_dense_models_and_unknown_aliases(tmp_path):
+    from tiny_models import save_tiny_llama
+
+    result = _moe_script("--model", str(save_tiny_llama(tmp_path / "dense")))
+    assert result.returncode == 2 and "is a 'llama' model, not a mixture of experts" in result.stderr
+    result = _moe_script("--model", "mixtral-huge")
+    assert result.returncode == 2 and "unknown MoE model 'mixtral-huge'" in result.stderr
+    result = _moe_script("--model", "olmoe-1b-7b", "--grid", "2")
+    assert result.returncode == 2 and "outside [0, 1]" in result.stderr
