@@ -116,12 +116,13 @@ def moefy(model, tokenizer, experts: int = 16, top_k: int = 8, router_scale: flo
         gate, up = source[f"{prefix}.gate_proj.weight"].float(), source[f"{prefix}.up_proj.weight"].float()
         down = source[f"{prefix}.down_proj.weight"].float()
         mass = torch.stack([magnitude[:, labels == e].sum(-1) for e in range(experts)], dim=-1)  # [N, E]
-        mass = (mass - mass.mean(0)) / mass.std(0).clamp_min(1e-6)
-        design = torch.cat([x, torch.ones(x.shape[0], 1)], dim=-1)
-        solution = torch.linalg.lstsq(design, mass).solution  # [H + 1, E]
-        fitted = design @ solution
-        report["router_fit_r2"].append(float(1 - ((fitted - mass) ** 2).sum() / (mass ** 2).sum()))
-        target[f"{prefix}.gate.weight"] = router_scale * solution[:-1].T.contiguous()
+        mass = mass / mass.std()  # one scale for all experts: the router ranks absolute contributions
+        # No intercept: the router has no bias, and an intercept would shift experts' rankings.
+        solution = torch.linalg.lstsq(x, mass).solution  # [H, E]
+        residual = ((x @ solution - mass) ** 2).sum()
+        centered = ((mass - mass.mean(0)) ** 2).sum()
+        report["router_fit_r2"].append(float(1 - residual / centered))
+        target[f"{prefix}.gate.weight"] = router_scale * solution.T.contiguous()
         target[f"{prefix}.experts.gate_up_proj"] = torch.stack(
             [torch.cat([gate[labels == e], up[labels == e]]) for e in range(experts)])
         target[f"{prefix}.experts.down_proj"] = torch.stack([down[:, labels == e] * top_k for e in range(experts)])
