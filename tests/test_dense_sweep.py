@@ -191,3 +191,20 @@ def test_dense_sweep_script_bad_input(tmp_path):
     assert result.returncode == 2 and "need the dataset hub but HF_DATASETS_OFFLINE=1" in result.stderr
     result = _run("--grid", "1.0", "1.3")
     assert result.returncode == 2 and "outside [0, 1]" in result.stderr
+
+
+def test_lm_eval_command_line_with_sparse_hf(tmp_path):
+    import os
+
+    model_dir = save_tiny_llama(tmp_path / "tiny")
+    stats = tmp_path / "stats.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "common.lm_eval_cli", "run", "--model", "sparse-hf", "--model_args",
+         f"pretrained={model_dir},sites=input+intermediate,value=0.8,stats_file={stats}",
+         "--tasks", "bb_general_knowledge", "--limit", "4", "--batch_size", "4"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bb_general_knowledge" in result.stdout
+    summary = json.loads(stats.read_text())["summary"]
+    assert 0 < summary["all_inputs"]["element_weighted"] < 1

@@ -1,0 +1,61 @@
+"""Time a sparsified lm-eval evaluation against the dense one, side by side in one process.
+
+Alternates dense and sparse runs (after one warm-up each) on the same items and reports the
+median time ratio per site.
+
+    python benchmarks/bench_eval_overhead.py --model smollm2-135m --task bb_social_iqa --limit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="bb_social_iqa")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--sites", nargs="+", default=["intermediate", "input", "all_inputs"])
+    parser.add_argument("--value", type=float, default=0.9)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import lm_eval
+
+    from common.lm_eval_bridge import SparseHFLM
+    from common.models import load_causal_lm
+    from common.tasks import task_manager
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    model, tokenizer = load_causal_lm(args.model, dtype=torch.bfloat16)
+    lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=16, softmax_dtype="float32")
+    manager = task_manager()
+
+    def timed(site):
+        lm.set_sparsification(site, "topp", args.value)
+        start = time.perf_counter()
+        lm_eval.simple_evaluate(model=lm, tasks=[args.task], task_manager=manager, limit=args.limit,
+                                bootstrap_iters=0, verbosity="ERROR")
+        return time.perf_counter() - start
+
+    for site in [None] + args.sites:
+        timed(site)  # warm-up
+    print(f"{args.model}, {args.task}, {args.limit} items, top-p {args.value}, {torch.get_num_threads()} threads")
+    print("| site | dense s | sparse s | ratio |")
+    print("|---|---|---|---|")
+    for site in args.sites:
+        dense, sparse = [], []
+        for _ in range(args.repeats):
+            dense.append(timed(None))
+            sparse.append(timed(site))
+        d, s = statistics.median(dense), statistics.median(sparse)
+        print(f"| {site} | {d:.2f} | {s:.2f} | {s / d:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
