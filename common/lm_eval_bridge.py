@@ -28,7 +28,7 @@ from .stats import summarize
 from .store import atomic_write_json
 
 
-def _split(value) -> list:
+def split_arg(value) -> list:
     if value is None or value == "":
         return []
     if isinstance(value, (list, tuple)):
@@ -82,8 +82,47 @@ class _PerTokenExpertKept:
                                        routed * width, routed, {})
 
 
+class SparsificationSettings:
+    """What an lm-eval model sparsifies, shared by ``sparse-hf`` and ``llada-sparse``.
+
+    Expects ``self.model`` and ``self.recorder``; ``stats_file`` (optional) receives the
+    statistics after each request type.
+    """
+
+    stats_file: str | None = None
+
+    def set_sparsification(self, sites=None, rule: str = "topp", value: float = 1.0, power: float = 1.0,
+                           layers=None) -> None:
+        """Change what is sparsified (keeps the loaded model); also resets the statistics."""
+        sites = split_arg(sites)
+        if sites:
+            expand_sites(sites)
+            validate_rule(rule, float(value), float(power))
+        layer_list = [int(layer) for layer in split_arg(layers)] or None
+        if layer_list is not None:
+            resolve_layers(self.model, layer_list)
+        self.sites, self.rule, self.value, self.power, self.layers = sites, rule, float(value), float(power), layer_list
+        self.reset_statistics()
+
+    def reset_statistics(self) -> None:
+        self.recorder.reset()
+
+    def sparsity_statistics(self) -> dict:
+        """Measured sparsity (real tokens) per site: per layer, mean over layers, element-weighted."""
+        rows = self.recorder.rows()
+        out = {"sites": self.sites, "rule": self.rule, "value": self.value, "power": self.power,
+               "layers": self.layers, "summary": summarize(rows)}
+        for phase in sorted({row.get("phase") for row in rows} - {None}):
+            out[f"summary_{phase}"] = summarize(rows, phase=phase)
+        return out
+
+    def _write_stats(self) -> None:
+        if self.stats_file:
+            atomic_write_json(self.stats_file, self.sparsity_statistics())
+
+
 @register_model("sparse-hf")
-class SparseHFLM(HFLM):
+class SparseHFLM(SparsificationSettings, HFLM):
     """HFLM with per-token FFN sparsification; ``sites=None`` evaluates the dense model."""
 
     def __init__(self, pretrained, sites=None, rule: str = "topp", value: float = 1.0, power: float = 1.0,
@@ -100,21 +139,8 @@ class SparseHFLM(HFLM):
         self._pending_row = 0
         self.set_sparsification(sites, rule, value, power, layers)
 
-    def set_sparsification(self, sites=None, rule: str = "topp", value: float = 1.0, power: float = 1.0,
-                           layers=None) -> None:
-        """Change what is sparsified (keeps the loaded model); also resets the statistics."""
-        sites = _split(sites)
-        if sites:
-            expand_sites(sites)
-            validate_rule(rule, float(value), float(power))
-        layer_list = [int(layer) for layer in _split(layers)] or None
-        if layer_list is not None:
-            resolve_layers(self.model, layer_list)
-        self.sites, self.rule, self.value, self.power, self.layers = sites, rule, float(value), float(power), layer_list
-        self.reset_statistics()
-
     def reset_statistics(self) -> None:
-        self.recorder.reset()
+        super().reset_statistics()
         self._pending = None
 
     def _sparsifier(self, recorder: SparsityRecorder, per_token_sink=None):
@@ -173,21 +199,10 @@ class SparseHFLM(HFLM):
         finally:
             self._write_stats()
 
-    # ---- statistics ------------------------------------------------------------------------------
     def sparsity_statistics(self) -> dict:
-        """Measured sparsity (real tokens) per site: per layer, mean over layers, element-weighted."""
-        rows = self.recorder.rows()
-        out = {"sites": self.sites, "rule": self.rule, "value": self.value, "power": self.power,
-               "layers": self.layers, "summary": summarize(rows)}
+        out = super().sparsity_statistics()
         if self.is_moe:
             expert_rows = self.recorder.expert_rows()
             out["experts"] = expert_rows
             out["summary"] = summarize(expert_rows)
-        phases = {row.get("phase") for row in rows} - {None}
-        for phase in sorted(phases):
-            out[f"summary_{phase}"] = summarize(rows, phase=phase)
         return out
-
-    def _write_stats(self) -> None:
-        if self.stats_file:
-            atomic_write_json(self.stats_file, self.sparsity_statistics())

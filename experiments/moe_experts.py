@@ -11,71 +11,41 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
-from common.cli import default_device, parse_dtype, run_main
+from common.cli import add_sweep_arguments, output_folder, run_main, sweep_settings
 from common.critical import PAPER_MOE_GRID
-from common.sites import SITES
-from common.store import ResultStore, atomic_write_json, parse_shard
-from common.tasks import OFFLINE_SUITE, PERPLEXITY_TASK, check_tasks, resolve_task_names
+from common.store import ResultStore, atomic_write_json
+from common.tasks import OFFLINE_SUITE, PERPLEXITY_TASK
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="moefied-smollm2-135m",
                         help="qwen3-30b-a3b, olmoe-1b-7b, a hub id, a local directory, or moefied-smollm2-135m")
-    parser.add_argument("--sites", nargs="+", default=["intermediate"], help=f"any of {', '.join(SITES)}, or all")
-    parser.add_argument("--rule", default="topp", choices=["topp", "maxp", "topk"])
-    parser.add_argument("--power", type=float, default=1.0)
-    parser.add_argument("--grid", type=float, nargs="+", default=None, help="rule values (default: the paper's MoE grid)")
-    parser.add_argument("--search", action="store_true", help="bisect for the critical value instead of the grid")
-    parser.add_argument("--resolution", type=float, default=0.01)
-    parser.add_argument("--tasks", nargs="+", default=None, help="'offline' (default), 'paper', or lm-eval task names")
-    parser.add_argument("--metric", default=None)
-    parser.add_argument("--limit", type=int, default=30, help="first N items of every task (0 = all)")
-    parser.add_argument("--threshold", type=float, default=0.99)
+    add_sweep_arguments(parser, "moe_experts", default_limit=30, bootstrap=500)
     parser.add_argument("--critical-value", type=float, default=None,
                         help="report experts at this rule value instead of the measured critical one")
-    parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--experts-implementation", default=None, choices=["grouped_mm", "batched_mm", "eager"])
-    parser.add_argument("--batch-size", default="16")
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default) | float16")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or 'auto' (device_map=auto)")
-    parser.add_argument("--output", default=None, help="results folder (default results/moe_experts/<model>)")
-    parser.add_argument("--shard", default=None, help="K/N: evaluate the K-th of N cell shards")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    import torch
-
     from common.analysis import write_report
     from common.lm_eval_bridge import SparseHFLM
-    from common.rules import validate_rule
     from common.sweep import SweepRunner, SweepSpec
     from common.tasks import task_manager
     from moe_sparsity.models import load_moe
     from moe_sparsity.study import write_expert_study
 
-    sites = list(SITES) if args.sites == ["all"] else args.sites
-    tasks = resolve_task_names(args.tasks)
-    check_tasks(tasks)
-    shard = parse_shard(args.shard)
-    grid = args.grid or list(PAPER_MOE_GRID)
-    for value in grid:
-        validate_rule(args.rule, value, args.power)
-    device = default_device(None if args.device == "auto" else args.device)
-    dtype = parse_dtype(args.dtype) or torch.bfloat16
+    sites, tasks, shard, grid, device, dtype, device_map = sweep_settings(args, PAPER_MOE_GRID)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    model, tokenizer = load_moe(args.model, dtype, device, "auto" if args.device == "auto" else None,
-                                args.experts_implementation)
+    model, tokenizer = load_moe(args.model, dtype, device, device_map, args.experts_implementation)
     lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, softmax_dtype="float32",
                     device=str(model.device))
     spec = SweepSpec(model=args.model, sites=sites, tasks=tasks, rule=args.rule, power=args.power, grid=grid,
                      limit=args.limit or None, metric=args.metric)
-    name = Path(args.model).name if Path(args.model).is_dir() else args.model.replace("/", "--")
-    output = Path(args.output or Path("results") / "moe_experts" / name)
+    output = output_folder(args, "moe_experts")
     store = ResultStore(output)
     manager = task_manager(include_defaults=any(t not in OFFLINE_SUITE + [PERPLEXITY_TASK] for t in tasks))
     runner = SweepRunner(lm, spec, store, manager, shard)

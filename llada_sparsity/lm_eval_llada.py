@@ -17,27 +17,16 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from common.hooks import Sparsifier
+from common.lm_eval_bridge import SparsificationSettings
 from common.recorder import SparsityRecorder
-from common.rules import validate_rule
-from common.sites import expand_sites, resolve_layers
-from common.stats import summarize
-from common.store import atomic_write_json
 
 from .generation import generate
 from .likelihood import log_likelihood
 from .modeling import load_llada
 
 
-def _split(value) -> list:
-    if value is None or value == "":
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [v for v in str(value).replace(",", "+").split("+") if v]
-
-
 @register_model("llada-sparse")
-class LLaDALM(LM):
+class LLaDALM(SparsificationSettings, LM):
     def __init__(self, pretrained, tokenizer=None, sites=None, rule: str = "topp", value: float = 1.0,
                  power: float = 1.0, layers=None, mc_num: int = 128, batch_size: int = 32, cfg_scale: float = 0.0,
                  steps: int = 64, gen_length: int = 64, block_length: int = 32, dtype: str | None = None,
@@ -54,18 +43,6 @@ class LLaDALM(LM):
         self.schedule = dict(steps=int(steps), gen_length=int(gen_length), block_length=int(block_length))
         self.recorder = SparsityRecorder()
         self.set_sparsification(sites, rule, value, power, layers)
-
-    def set_sparsification(self, sites=None, rule: str = "topp", value: float = 1.0, power: float = 1.0,
-                           layers=None) -> None:
-        sites = _split(sites)
-        if sites:
-            expand_sites(sites)
-            validate_rule(rule, float(value), float(power))
-        layer_list = [int(layer) for layer in _split(layers)] or None
-        if layer_list is not None:
-            resolve_layers(self.model, layer_list)
-        self.sites, self.rule, self.value, self.power, self.layers = sites, rule, float(value), float(power), layer_list
-        self.recorder.reset()
 
     def _sparsified(self):
         if not self.sites:
@@ -116,11 +93,3 @@ class LLaDALM(LM):
                 out.append(text)
         self._write_stats()
         return out
-
-    def sparsity_statistics(self) -> dict:
-        return {"sites": self.sites, "rule": self.rule, "value": self.value, "power": self.power,
-                "layers": self.layers, "summary": summarize(self.recorder.rows())}
-
-    def _write_stats(self) -> None:
-        if self.stats_file:
-            atomic_write_json(self.stats_file, self.sparsity_statistics())

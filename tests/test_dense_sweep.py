@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from common.critical import bootstrap_critical, critical_sparsity, paired_bootstrap_ratio
 from common.lm_eval_bridge import SparseHFLM
 from common.store import ResultStore, parse_shard
-from common.sweep import DENSE, SweepRunner, SweepSpec
+from common.sweep import SweepRunner, SweepSpec
 from common.tasks import task_manager
 from tiny_models import char_tokenizer, save_tiny_llama, tiny_model
 
