@@ -1,7 +1,7 @@
 """MoE: one global rule value for every expert; critical sparsity, then per-expert sparsity.
 
 Default: an MoE built offline from the real SmolLM2-135M (MoEfication, Mixtral layout, 16
-experts, 8 active), the offline task suite, the intermediate site and the paper's MoE grid.
+experts, 14 active), the offline task suite, the intermediate site and the paper's MoE grid.
 
     python experiments/moe_experts.py
     python experiments/moe_experts.py --model qwen3-30b-a3b --device auto --tasks paper --sites intermediate input

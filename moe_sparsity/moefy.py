@@ -9,6 +9,11 @@ experts make routing and sparsity meaningless). Following MoEfication (Zhang et 
    on the neurons' activation-magnitude profiles).
 3. Router: a least-squares fit from x to each expert's standardized activation mass.
 
+Measured on SmolLM2-135M (16 experts of 96 neurons, perplexity on 512 tokens of Aesop's
+fables; dense 20.1): all 16 active 20.2 (the construction is exact up to the routing weights),
+14 active 31.1, 8 active 1813. A SwiGLU FFN is not sparse at the level of neuron clusters, so
+the default keeps 14 of 16 experts active.
+
 The result is saved as a stock ``MixtralForCausalLM``: Mixtral's attention is Llama's, so
 attention, norms and embeddings are copied exactly. (Qwen3-MoE and OLMoE apply QK-norm in
 attention, which a Llama checkpoint cannot be mapped onto without changing the model; their
@@ -131,7 +136,7 @@ def moefy(model, tokenizer, experts: int = 16, top_k: int = 8, router_scale: flo
     return moe, report
 
 
-def build_moefied(alias_dir: Path, dense_name: str = "smollm2-135m", experts: int = 16, top_k: int = 8) -> Path:
+def build_moefied(alias_dir: Path, dense_name: str = "smollm2-135m", experts: int = 16, top_k: int = 14) -> Path:
     """Build (once) and cache the MoEfied model directory."""
     if (alias_dir / "config.json").is_file():
         return alias_dir
