@@ -50,9 +50,10 @@ def tidy_table(store: ResultStore, spec: SweepSpec, iterations: int = 1000) -> p
     """One row per finished (site, value, task) cell of the sweep, with normalized scores."""
     rows = []
     dense = {t: store.get(spec.key(DENSE, 1.0, t)) for t in spec.tasks}
+    grid = {round(float(v), 6) for v in spec.grid}  # cells of a --search in the same store stay out
     for key, result in store.records(model=spec.model, rule=spec.rule, power=float(spec.power), limit=spec.limit):
         task, site = key["task"], key["site"]
-        if task not in spec.tasks or site not in spec.sites or dense.get(task) is None:
+        if task not in spec.tasks or site not in spec.sites or dense.get(task) is None or key["value"] not in grid:
             continue
         base = dense[task]
         metric = spec.metric_for(task)

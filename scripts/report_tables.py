@@ -1,0 +1,68 @@
+"""Print Markdown tables from finished result folders (dense sweeps and MoE expert studies).
+
+    python scripts/report_tables.py results/dense_sweep/smollm2-135m results/moe_experts/moefied-smollm2-135m
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def dense_tables(folder: Path) -> None:
+    summary = json.loads((folder / "critical.json").read_text())
+    tasks = sorted({t for entry in summary["critical"] for t in entry["tasks"]})
+    print(f"### {summary['spec']['model']}: critical sparsity (limit {summary['spec']['limit']} items/task)\n")
+    print("Interpolated crossing of 99% (grid point in brackets); last columns: task-average curve, PPL-1%.\n")
+    print("| site | " + " | ".join(tasks) + " | average curve | PPL-1% |")
+    print("|---|" + "---|" * (len(tasks) + 2))
+    for entry in summary["critical"]:
+        cells = []
+        for task in tasks:
+            c = entry["tasks"].get(task)
+            cells.append("-" if c is None else f"{c['interpolated']:.3f} ({c['grid']:.3f}) "
+                                               f"[{_fmt(c['interpolated_ci'][0])}, {_fmt(c['interpolated_ci'][1])}]")
+        average = entry.get("task_average_curve", {})
+        ppl = next((v for k, v in entry.items() if k.startswith("ppl_")), None)
+        cells.append(f"{average.get('interpolated', 0):.3f} ({average.get('grid', 0):.3f}) {average.get('status', '')}")
+        cells.append("-" if ppl is None else f"{ppl['grid']:.3f}")
+        print(f"| {entry['site']} | " + " | ".join(cells) + " |")
+    overhead = summary.get("overhead", {})
+    if overhead:
+        print(f"\nSparse / dense evaluation time (median over cells): {overhead['median_time_ratio_sparse_over_dense']:.2f}x; "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in overhead["per_site"].items()))
+    for search in summary.get("search", []):
+        print(f"\nSearch ({search['site']}): {search['values_evaluated']} values, interpolated "
+              f"{search['critical']['interpolated']:.3f}, bracket {search['bracket']}")
+    print()
+
+
+def moe_tables(folder: Path) -> None:
+    experts = json.loads((folder / "experts.json").read_text())
+    for site, entry in experts.items():
+        print(f"### {folder.name}: expert sparsity at p={entry['critical_value']} ({site})\n")
+        print("| layer | min | mean | max | std | unrouted |")
+        print("|---|---|---|---|---|---|")
+        for row in entry["per_layer_pooled"]:
+            print(f"| {row['layer']} | {row['min']:.3f} | {row['mean']:.3f} | {row['max']:.3f} | {row['std']:.3f} "
+                  f"| {row['experts_unrouted']} |")
+        print(f"\nMean over layers of the inter-task std of layer-mean expert sparsity: "
+              f"{entry['inter_task_std_of_layer_mean']:.4f}\n")
+
+
+def main() -> None:
+    for name in sys.argv[1:]:
+        folder = Path(name)
+        if (folder / "experts.json").is_file():
+            moe_tables(folder)
+        if (folder / "critical.json").is_file():
+            dense_tables(folder)
+
+
+if __name__ == "__main__":
+    main()
