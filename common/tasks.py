@@ -40,15 +40,13 @@ def primary_metric(task: str) -> str:
     return PRIMARY_METRIC.get(task, "acc")
 
 
+def _yaml_header(name: str, data_file: Path, output_type: str) -> list[str]:
+    return [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
+            f"    test: {json.dumps(str(data_file))}", "test_split: test", f"output_type: {output_type}"]
+
+
 def _yaml_for_multiple_choice(name: str, data_file: Path, template: str) -> str:
-    return "\n".join([
-        f"task: {name}",
-        "dataset_path: json",
-        "dataset_kwargs:",
-        "  data_files:",
-        f"    test: {json.dumps(str(data_file))}",
-        "test_split: test",
-        "output_type: multiple_choice",
+    return "\n".join(_yaml_header(name, data_file, "multiple_choice") + [
         f"doc_to_text: {json.dumps(template)}",
         "doc_to_target: \"{{gold}}\"",
         "doc_to_choice: \"{{choices}}\"",
@@ -66,14 +64,7 @@ def _yaml_for_multiple_choice(name: str, data_file: Path, template: str) -> str:
 
 
 def _yaml_for_perplexity(name: str, data_file: Path) -> str:
-    return "\n".join([
-        f"task: {name}",
-        "dataset_path: json",
-        "dataset_kwargs:",
-        "  data_files:",
-        f"    test: {json.dumps(str(data_file))}",
-        "test_split: test",
-        "output_type: loglikelihood_rolling",
+    return "\n".join(_yaml_header(name, data_file, "loglikelihood_rolling") + [
         "doc_to_text: \"\"",
         "doc_to_target: \"{{text}}\"",
         "metric_list:",
