@@ -179,25 +179,22 @@ class SparseHFLM(SparsificationSettings, HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     # ---- request types: write statistics after each -----------------------------------------
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
+    def _then_write_stats(self, run, requests, disable_tqdm: bool):
+        """Run one request type; drop uncommitted per-token counts and write the statistics after."""
         try:
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            return run(requests, disable_tqdm=disable_tqdm)
         finally:
             self._pending = None
             self._write_stats()
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self._then_write_stats(super().loglikelihood, requests, disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        try:
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
-        finally:
-            self._pending = None
-            self._write_stats()
+        return self._then_write_stats(super().loglikelihood_rolling, requests, disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        try:
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        finally:
-            self._write_stats()
+        return self._then_write_stats(super().generate_until, requests, disable_tqdm)
 
     def sparsity_statistics(self) -> dict:
         out = super().sparsity_statistics()

@@ -11,11 +11,10 @@ offline in minutes). Real checkpoints: --model llada-8b-base | llada-8b-instruct
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from common.cli import default_device, parse_dtype, run_main
+from common.cli import default_device, output_folder, parse_dtype, run_main
 from common.sites import SITES
 from llada_sparsity.modeling import load_llada
 from llada_sparsity.study import JaccardStudy, read_prompts, run_study
@@ -66,8 +65,7 @@ def main() -> None:
     if args.chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                  tokenize=False) for p in prompts]
-    name = Path(args.model).name if Path(args.model).is_dir() else args.model.replace("/", "--")
-    output = Path(args.output or Path("results") / "llada_jaccard" / name)
+    output = output_folder(args, "llada_jaccard")
     summary = run_study(model, tokenizer, study, prompts, output)
     print(f"sparsity ({args.site}, element-weighted): "
           + ", ".join(f"{s}={v['element_weighted']:.3f}" for s, v in summary["sparsity_per_site"].items()))
