@@ -35,7 +35,7 @@ def median_seconds(fn, repeats: int) -> tuple[float, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2048)
-    parser.add_argument("--widths", type=int, nargs="+", default=[2048, 8192, 14336])
+    parser.add_argument("--widths", type=int, nargs="+", default=[576, 1536, 2048, 8192, 14336])
     parser.add_argument("--values", type=float, nargs="+", default=[0.5, 0.9, 0.99])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)

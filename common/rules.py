@@ -9,10 +9,18 @@ The semantics are the paper's released rule code, bit for bit (see the golden ve
 * ``topk``: ``k = int(D * p)`` (at least 1), keep ``|x| >=`` the k-th largest ``|x|``.
 
 ``topp`` runs on every token of every FFN layer, so besides the straightforward sort-based
-reference (``topp_threshold_reference``) there is an exact bracketed implementation for
-wide rows: it sorts only a strided sample and the few entries near the threshold, and proves
-per row that its float64 partial sums cannot round to another decision than the sequential
-cumulative sum would; rows where that proof fails are recomputed with the full sort.
+reference (``topp_threshold_reference``) there are two exact sort-free paths on CPU, where a
+sort costs more than the FFN layer itself:
+
+* 16-bit activations (bfloat16, float16: the usual inference dtypes): a radix select on the
+  bit patterns (non-negative floats order like their integer bits), two histogram passes of
+  float64 sums per row;
+* wide float32 rows: a bracketed search that sorts only a strided sample and the few entries
+  near the threshold.
+
+Both prove per row that their float64 sums, added in another order, cannot round to another
+decision than the sequential cumulative sum would; rows where that proof fails are
+recomputed with the full sort.
 """
 
 from __future__ import annotations
@@ -135,6 +143,60 @@ def _topp_threshold_bracketed(a: torch.Tensor, p: float) -> torch.Tensor:
     return threshold
 
 
+# Bits of the non-negative 16-bit float patterns resolved per radix pass, from the top.
+_RADIX_LEVELS = (8, 7)
+
+
+def _topp_threshold_radix(a: torch.Tensor, p: float) -> torch.Tensor:
+    """Exact top-p threshold per row of non-negative 16-bit ``a`` [N, D] (0 < p < 1), no sort.
+
+    Non-negative floats order like their bit patterns, and the threshold is the largest value
+    ``v`` whose sum of entries ``>= v`` reaches ``p * total``. Each pass sums the entries per
+    bucket of the next bits of the pattern (float64 ``bincount``), picks the highest bucket
+    where the running sum reaches the target, and narrows the prefix; two passes resolve all
+    15 bits. A row is accepted only if the sums of entries ``> v`` and ``>= v`` lie outside the
+    rounding margin of the target (so the sequential float64 cumsum decides the same); other
+    rows (and non-finite ones) are recomputed with the reference.
+    """
+    n_rows, width = a.shape
+    keys = a.view(torch.int16)
+    a64 = a.double()
+    total = a64.sum(dim=-1, keepdim=True)
+    target = p * total
+    row_offset = torch.arange(n_rows, device=a.device, dtype=torch.int32).unsqueeze(-1)
+    sum_above = torch.zeros_like(total)
+    prefix = None
+    shift = sum(_RADIX_LEVELS)
+    for bits in _RADIX_LEVELS:
+        shift -= bits
+        n_buckets = 1 << bits
+        if prefix is None:
+            bucket = (keys >> shift).to(torch.int32)
+        else:  # entries outside the chosen prefix go to an extra bucket that is never read
+            low = ((keys >> shift) & (n_buckets - 1)).to(torch.int32)
+            bucket = torch.where((keys >> (shift + bits)) == prefix, low, n_buckets)
+        sums = torch.bincount((bucket + row_offset * (n_buckets + 1)).reshape(-1), weights=a64.reshape(-1),
+                              minlength=n_rows * (n_buckets + 1)).view(n_rows, n_buckets + 1)[:, :n_buckets]
+        at_least = sums.flip(-1).cumsum(-1).flip(-1) + sum_above  # sum of entries in buckets >= b
+        chosen = ((at_least >= target).sum(dim=-1, keepdim=True) - 1).clamp_min(0)  # at_least is non-increasing
+        bucket_sum = sums.gather(-1, chosen)
+        sum_above = at_least.gather(-1, chosen) - bucket_sum
+        chosen = chosen.to(torch.int16)
+        prefix = chosen if prefix is None else (prefix << bits) | chosen
+    threshold = prefix.view(a.dtype)
+    margin = 4.0 * width * _F64_UNIT * total
+    ok = (sum_above < target - margin) & (sum_above + bucket_sum >= target + margin) & torch.isfinite(total)
+    zero_rows = total == 0  # the reference keeps everything: threshold 0
+    if bool(zero_rows.any()):
+        threshold = torch.where(zero_rows, torch.zeros_like(threshold), threshold)
+        ok = ok | zero_rows
+    if not bool(ok.all()):
+        bad = ~ok.squeeze(-1)
+        threshold = threshold.clone()
+        threshold[bad] = topp_threshold_reference(a[bad], p)
+    return threshold
+
+
 def _topp_threshold_full(a: torch.Tensor) -> torch.Tensor:
     """Top-p threshold at p = 1 without sorting.
 
@@ -156,11 +218,12 @@ def _topp_threshold_full(a: torch.Tensor) -> torch.Tensor:
     return threshold
 
 
-def _topp_threshold_bracketed_chunked(a: torch.Tensor, p: float, rows_per_chunk: int) -> torch.Tensor:
-    """Row chunks keep the working set of the bracketed threshold in cache."""
+def _in_row_chunks(threshold_fn, a: torch.Tensor, p: float) -> torch.Tensor:
+    """Row chunks keep the working set (float64 copies, histograms) small and in cache."""
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // a.shape[-1])
     if a.shape[0] <= rows_per_chunk:
-        return _topp_threshold_bracketed(a, p)
-    return torch.cat([_topp_threshold_bracketed(chunk, p) for chunk in a.split(rows_per_chunk)])
+        return threshold_fn(a, p)
+    return torch.cat([threshold_fn(chunk, p) for chunk in a.split(rows_per_chunk)])
 
 
 def topp_threshold(a: torch.Tensor, p: float) -> torch.Tensor:
@@ -169,8 +232,11 @@ def topp_threshold(a: torch.Tensor, p: float) -> torch.Tensor:
         return a.amax(dim=-1, keepdim=True)  # target 0 is reached at the first (largest) entry
     if p >= 1.0:
         return _topp_threshold_full(a)
-    if 0.0 < p < 1.0 and a.device.type == "cpu" and a.shape[-1] >= _BRACKET_MIN_WIDTH and a.shape[0] > 0:
-        return _topp_threshold_bracketed_chunked(a, p, max(1, _CHUNK_ELEMENTS // a.shape[-1]))
+    if a.device.type == "cpu" and a.shape[0] > 0:
+        if a.dtype in (torch.bfloat16, torch.float16):
+            return _in_row_chunks(_topp_threshold_radix, a, p)
+        if a.shape[-1] >= _BRACKET_MIN_WIDTH:
+            return _in_row_chunks(_topp_threshold_bracketed, a, p)
     return topp_threshold_reference(a, p)
 
 

@@ -11,6 +11,7 @@ fables are Aesop (public domain). See
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -78,8 +79,13 @@ def _yaml_for_perplexity(name: str, data_file: Path) -> str:
 
 
 def offline_task_dir() -> Path:
-    """Write (or refresh) the YAML configs of the offline suite; return the include path."""
-    folder = cache_dir() / "lm_eval_tasks"
+    """Write (or refresh) the YAML configs of the offline suite; return the include path.
+
+    One folder per installed copy of the data (keyed by its path), so two checkouts sharing a
+    cache never rewrite each other's absolute paths.
+    """
+    key = hashlib.sha256(str(DATA.resolve()).encode()).hexdigest()[:12]
+    folder = cache_dir() / "lm_eval_tasks" / key
     folder.mkdir(parents=True, exist_ok=True)
     for name, (file, template) in MULTIPLE_CHOICE_TASKS.items():
         _write_if_changed(folder / f"{name}.yaml", _yaml_for_multiple_choice(name, DATA / file, template))

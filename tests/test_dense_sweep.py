@@ -151,6 +151,20 @@ def test_paired_bootstrap_is_paired():
     assert 0.0 <= low <= high <= 0.6
 
 
+def test_offline_task_configs_point_at_this_checkouts_data(tmp_path, monkeypatch):
+    from common import tasks
+
+    monkeypatch.setenv("ACTIVATION_SPARSITY_CACHE", str(tmp_path))
+    folder = tasks.offline_task_dir()
+    text = (folder / "bb_social_iqa.yaml").read_text()
+    assert json.dumps(str(tasks.DATA / "social_iqa.jsonl")) in text
+    # another copy of the data (a second checkout) gets its own folder in the same cache
+    monkeypatch.setattr(tasks, "DATA", tmp_path / "other_checkout" / "task_data")
+    other = tasks.offline_task_dir()
+    assert other != folder and other.parent == folder.parent
+    assert (folder / "bb_social_iqa.yaml").read_text() == text
+
+
 def test_parse_shard():
     assert parse_shard("2/4") == (1, 4) and parse_shard(None) == (0, 1)
     with pytest.raises(ValueError, match="K/N"):

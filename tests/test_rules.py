@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.rules import _topp_threshold_bracketed, keep_mask, magnitudes, sparsify, topp_threshold_reference
+from common.rules import _topp_threshold_bracketed, _topp_threshold_radix, keep_mask, magnitudes, sparsify, topp_threshold_reference
 
 
 def _golden_cases(golden_dir):
@@ -38,6 +38,42 @@ def test_golden_masks_through_the_bracketed_path(golden_dir):
         a = magnitudes(wide, case["power"])
         assert torch.equal(a >= _topp_threshold_bracketed(a, case["value"]),
                            a >= topp_threshold_reference(a, case["value"])), case["key"]
+
+
+def test_golden_masks_through_the_radix_path(golden_dir):
+    """Golden top-p rows in bfloat16 and float16 through the radix select, called directly."""
+    tensors, cases = _golden_cases(golden_dir)
+    checked = 0
+    for case in cases:
+        if case["rule"] != "topp" or not 0 < case["value"] < 1:
+            continue
+        for dtype in (torch.bfloat16, torch.float16):
+            x = tensors[case["input"]].to(dtype)
+            a = magnitudes(x.reshape(-1, x.shape[-1]), case["power"])
+            mask = (a >= _topp_threshold_radix(a, case["value"])).reshape(x.shape)
+            assert torch.equal(mask, keep_mask(x, case["rule"], case["value"], case["power"])), case["key"]
+            if case["dtype"] == "bfloat16" and dtype == torch.bfloat16:
+                assert torch.equal(mask, tensors[case["key"]].bool()), case["key"]
+            checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [64, 576, 1536, 8192])
+def test_radix_topp_matches_full_sort(dtype, width):
+    x = (torch.randn(96, width) * torch.randn(96, width).exp()).to(dtype)
+    x[0] = 0  # all zeros
+    x[1, :5] = 1e4  # massive activations
+    x[2] = x[2].round()  # heavy ties
+    x[3, ::2] = 0
+    x[4, :] = 1.0  # all ties
+    x[5, : width // 4], x[5, width // 4:] = 1.0, 0.5  # p = 0.4 lands exactly on a group boundary: fallback
+    x[6, 0] = float("inf")  # non-finite rows take the reference
+    x[7, 1] = 1e-7  # subnormal-ish tiny entries
+    for p in (0.05, 0.3, 0.4, 0.5, 0.8, 0.9, 0.99):
+        for power in (1.0, 2.0):
+            a = magnitudes(x, power)
+            assert torch.equal(a >= _topp_threshold_radix(a, p), a >= topp_threshold_reference(a, p)), (p, power)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
