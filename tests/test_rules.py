@@ -58,36 +58,31 @@ def test_golden_masks_through_the_radix_path(golden_dir):
     assert checked >= 20
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("width", [64, 576, 1536, 8192])
-def test_radix_topp_matches_full_sort(dtype, width):
+def _hard_rows(width: int, dtype: torch.dtype) -> torch.Tensor:
+    """SwiGLU-like heavy-tailed rows plus the rows that break naive fast paths."""
     x = (torch.randn(96, width) * torch.randn(96, width).exp()).to(dtype)
     x[0] = 0  # all zeros
     x[1, :5] = 1e4  # massive activations
     x[2] = x[2].round()  # heavy ties
     x[3, ::2] = 0
     x[4, :] = 1.0  # all ties
-    x[5, : width // 4], x[5, width // 4:] = 1.0, 0.5  # p = 0.4 lands exactly on a group boundary: fallback
-    x[6, 0] = float("inf")  # non-finite rows take the reference
-    x[7, 1] = 1e-7  # subnormal-ish tiny entries
+    x[5, : width // 4], x[5, width // 4:] = 1.0, 0.5  # p = 0.4 lands exactly on a group boundary
+    x[6, 0] = float("inf")  # non-finite
+    x[7, 1] = 1e-7  # tiny entries
+    return x
+
+
+@pytest.mark.parametrize("threshold_fn, dtype, width", [
+    *[(_topp_threshold_radix, d, w) for d in (torch.bfloat16, torch.float16) for w in (64, 576, 1536, 8192)],
+    *[(_topp_threshold_bracketed, d, w) for d in (torch.float32, torch.bfloat16, torch.float16)
+      for w in (1024, 3000, 8192)],
+])
+def test_fast_topp_paths_match_full_sort(threshold_fn, dtype, width):
+    x = _hard_rows(width, dtype)
     for p in (0.05, 0.3, 0.4, 0.5, 0.8, 0.9, 0.99):
         for power in (1.0, 2.0):
             a = magnitudes(x, power)
-            assert torch.equal(a >= _topp_threshold_radix(a, p), a >= topp_threshold_reference(a, p)), (p, power)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("width", [1024, 3000, 8192])
-def test_bracketed_topp_matches_full_sort(dtype, width):
-    x = (torch.randn(96, width) * torch.randn(96, width).exp()).to(dtype)
-    x[0] = 0  # all zeros
-    x[1, :5] = 1e4  # massive activations
-    x[2] = x[2].round()  # heavy ties
-    x[3, ::2] = 0
-    for p in (0.05, 0.3, 0.5, 0.8, 0.9, 0.99):
-        for power in (1.0, 2.0):
-            a = magnitudes(x, power)
-            assert torch.equal(a >= _topp_threshold_bracketed(a, p), a >= topp_threshold_reference(a, p)), (p, power)
+            assert torch.equal(a >= threshold_fn(a, p), a >= topp_threshold_reference(a, p)), (p, power)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
