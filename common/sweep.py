@@ -151,6 +151,17 @@ class SweepRunner:
             sparsities.append(measured_sparsity(result, site))
         return float(np.mean(sparsities)), float(np.mean(normalized))
 
+    def run_search(self, threshold: float = 0.99, resolution: float = 0.01) -> list[dict]:
+        """Bisect every site of this shard (sites are split across shards, cells are not).
+
+        Afterwards the spec's grid is the set of values the searches evaluated, so the tidy
+        table, the per-task critical sparsity and the figures use exactly the measured points.
+        """
+        sites = [site for index, site in enumerate(self.spec.sites) if index % self.shard[1] == self.shard[0]]
+        searches = [self.search_site(site, threshold, resolution) for site in sites]
+        self.spec.grid = sorted({point["value"] for search in searches for point in search["points"]}, reverse=True)
+        return searches
+
     def search_site(self, site: str, threshold: float = 0.99, resolution: float = 0.01) -> dict:
         """Bisection on the rule value for the lowest value (highest sparsity) keeping >= threshold.
 

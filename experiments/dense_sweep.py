@@ -64,10 +64,8 @@ def main() -> None:
     runner = SweepRunner(lm, spec, store, manager, shard)
     extra = {}
     if args.search:
-        searches = [runner.search_site(site, args.threshold, args.resolution)
-                    for index, site in enumerate(sites) if index % shard[1] == shard[0]]
-        extra["search"] = searches
-        atomic_write_json(output / "search.json", searches)
+        extra["search"] = runner.run_search(args.threshold, args.resolution)
+        atomic_write_json(output / "search.json", extra["search"])
     else:
         runner.run_grid()
     if args.effective_rank:

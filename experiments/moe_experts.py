@@ -51,8 +51,7 @@ def main() -> None:
     runner = SweepRunner(lm, spec, store, manager, shard)
     extra = {"experts_implementation": model.config._experts_implementation}
     if args.search:
-        extra["search"] = [runner.search_site(site, args.threshold, args.resolution)
-                           for index, site in enumerate(sites) if index % shard[1] == shard[0]]
+        extra["search"] = runner.run_search(args.threshold, args.resolution)
         atomic_write_json(output / "search.json", extra["search"])
     else:
         runner.run_grid()

@@ -118,10 +118,17 @@ def test_search_brackets_with_fewer_evaluations(manager, tmp_path):
     lm = SparseHFLM(pretrained=tiny_model("llama"), tokenizer=char_tokenizer(), batch_size=4)
     spec = SweepSpec(model="tiny", sites=["intermediate"], tasks=["bb_general_knowledge"], limit=4)
     runner = SweepRunner(lm, spec, ResultStore(tmp_path), manager, verbose=False)
-    result = runner.search_site("intermediate", threshold=0.99, resolution=0.25)
-    assert result["values_evaluated"] <= 5
+    [result] = runner.run_search(threshold=0.99, resolution=0.25)
+    assert result["values_evaluated"] <= 5 and result["cells_evaluated"] == result["values_evaluated"] + 1  # + dense
     lo, hi = result["bracket"]
     assert result["status"] != "crossed" or hi - lo <= 0.25
+    # the tables and critical sparsity use exactly the searched points, not the paper grid
+    from common.analysis import write_report
+
+    summary = write_report(runner.store, spec, tmp_path / "report", iterations=20)
+    [entry] = summary["critical"]
+    assert entry["tasks"]["bb_general_knowledge"]["points"] == result["values_evaluated"]
+    assert sorted(spec.grid) == sorted(point["value"] for point in result["points"])
 
 
 def test_critical_sparsity_on_hand_made_curves():
