@@ -170,11 +170,16 @@ class SweepRunner:
         """
         before = self.evaluations
         points = {}
+        # at most: both ends, then one value per halving of the bracket
+        most = 2 + max(0, math.ceil(math.log2(1.0 / max(resolution, 1e-6))))
+        progress = tqdm(total=most, desc=f"search {site}", unit="value", disable=not self.verbose)
 
         def f(value):
             value = round(value, 6)
             if value not in points:
                 points[value] = self.mean_normalized(site, value)
+                progress.update(1)
+                progress.set_postfix(p=value, normalized=f"{points[value][1]:.3f}")
             return points[value]
 
         hi, lo = 1.0, 0.0
@@ -190,6 +195,7 @@ class SweepRunner:
                     hi = mid
                 else:
                     lo = mid
+        progress.close()
         values = sorted(points)
         curve = [points[v] for v in values]
         result = critical_sparsity([c[0] for c in curve], [c[1] for c in curve], threshold, values)
