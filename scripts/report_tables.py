@@ -1,6 +1,7 @@
 """Print Markdown tables from finished result folders (dense sweeps and MoE expert studies).
 
     python scripts/report_tables.py results/dense_sweep/smollm2-135m results/moe_experts/moefied-smollm2-135m
+    python scripts/report_tables.py --search-vs-grid SEARCH_FOLDER GRID_FOLDER
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from common.tasks import PERPLEXITY_TASKS
 
 
 def _fmt(value) -> str:
@@ -55,7 +58,29 @@ def moe_tables(folder: Path) -> None:
               f"{entry['inter_task_std_of_layer_mean']:.4f}\n")
 
 
+def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
+    """Per site: the search's critical sparsity and evaluations against the full grid's."""
+    searches = json.loads((search_folder / "search.json").read_text())
+    grid = {c["site"]: c for c in json.loads((grid_folder / "critical.json").read_text())["critical"]}
+    spec = json.loads((grid_folder / "critical.json").read_text())["spec"]
+    scoring = [t for t in spec["tasks"] if t not in PERPLEXITY_TASKS]
+    print("| site | grid: values | grid: critical (interpolated) | search: values | search: critical (interpolated) "
+          "| difference |")
+    print("|---|---|---|---|---|---|")
+    for search in searches:
+        full = grid.get(search["site"], {}).get("task_average_curve")
+        found = search["critical"]["interpolated"]
+        if full is None:
+            continue
+        print(f"| {search['site']} | {len(spec['grid'])} | {full['interpolated']:.3f} | {search['values_evaluated']} "
+              f"| {found:.3f} | {found - full['interpolated']:+.3f} |")
+    print(f"\nEvaluations = values x {len(scoring)} scoring tasks (the perplexity task is evaluated at each value too).\n")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--search-vs-grid"]:
+        search_vs_grid(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
     for name in sys.argv[1:]:
         folder = Path(name)
         if (folder / "experts.json").is_file():
