@@ -18,7 +18,7 @@ import pandas as pd
 from . import plots
 from .critical import bootstrap_critical, bootstrap_indices, critical_sparsity, paired_bootstrap_ratio
 from .store import ResultStore, atomic_write_json, write_csv
-from .sweep import DENSE, SweepSpec, measured_sparsity
+from .sweep import DENSE, SweepSpec, measured_sparsity, perplexity
 from .tasks import PERPLEXITY_TASKS
 
 
@@ -40,10 +40,6 @@ def fidelity(sparse_items: list[dict], dense_items: list[dict]) -> dict:
     if not deltas:
         return {}
     return {"gold_loglik_delta": float(np.mean(deltas)), "choice_kl": float(np.mean(kls))}
-
-
-def perplexity(items: list[dict]) -> float:
-    return float(np.exp(-sum(i["loglikelihood"] for i in items) / sum(i["words"] for i in items)))
 
 
 def tidy_table(store: ResultStore, spec: SweepSpec, iterations: int = 1000) -> pd.DataFrame:

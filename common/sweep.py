@@ -151,37 +151,64 @@ class SweepRunner:
             sparsities.append(measured_sparsity(result, site))
         return float(np.mean(sparsities)), float(np.mean(normalized))
 
-    def run_search(self, threshold: float = 0.99, resolution: float = 0.01) -> list[dict]:
+    def perplexity_ratio(self, site: str, value: float, task: str) -> tuple[float, float]:
+        """(measured sparsity, dense perplexity / sparse perplexity) of a perplexity task at one value."""
+        result = self.cell(site, value, task)
+        dense = self.cell(DENSE, 1.0, task)
+        return measured_sparsity(result, site), perplexity(dense["items"]) / perplexity(result["items"])
+
+    def run_search(self, threshold: float = 0.99, resolution: float = 0.01, ppl_percent: float = 1.0) -> list[dict]:
         """Bisect every site of this shard (sites are split across shards, cells are not).
 
         Afterwards the spec's grid is the set of values the searches evaluated, so the tidy
         table, the per-task critical sparsity and the figures use exactly the measured points.
         """
         sites = [site for index, site in enumerate(self.spec.sites) if index % self.shard[1] == self.shard[0]]
-        searches = [self.search_site(site, threshold, resolution) for site in sites]
-        self.spec.grid = sorted({point["value"] for search in searches for point in search["points"]}, reverse=True)
+        searches = [self.search_site(site, threshold, resolution, ppl_percent) for site in sites]
+        values = {point["value"] for search in searches
+                  for part in [search, *search["ppl"].values()] for point in part["points"]}
+        self.spec.grid = sorted(values, reverse=True)
         return searches
 
-    def search_site(self, site: str, threshold: float = 0.99, resolution: float = 0.01) -> dict:
-        """Bisection on the rule value for the lowest value (highest sparsity) keeping >= threshold.
+    def search_site(self, site: str, threshold: float = 0.99, resolution: float = 0.01,
+                    ppl_percent: float = 1.0) -> dict:
+        """Bisection on the rule value for the lowest value (highest sparsity) keeping >= threshold
+        of the task-average normalized score; then, per perplexity task, a second bisection for
+        the PPL-p% criterion (reusing the perplexity cells the first one evaluated).
 
         Assumes the score falls roughly monotonically as the value drops; reports the number of
         new evaluations and the bracketing points.
         """
         before = self.evaluations
+        out = {"site": site, **self._bisect(site, lambda v: self.mean_normalized(site, v), threshold, resolution,
+                                            "search"), "resolution": resolution, "ppl": {}}
+        searched = [point["value"] for point in out["points"]]  # their perplexity cells exist already
+        for task in [t for t in self.spec.tasks if t in PERPLEXITY_TASKS]:
+            out["ppl"][task] = self._bisect(site, lambda v: self.perplexity_ratio(site, v, task),
+                                            1.0 / (1.0 + ppl_percent / 100.0), resolution, f"PPL-{ppl_percent:g}%",
+                                            known=searched)
+        out["cells_evaluated"] = self.evaluations - before
+        return out
+
+    def _bisect(self, site: str, evaluate, threshold: float, resolution: float, label: str, known=()) -> dict:
+        """Bracket [lo, hi] of rule values around the threshold crossing of ``evaluate(value)``,
+        which returns (measured sparsity, normalized score); 1.0 is dense. ``known`` values are
+        evaluated first (cheap when their cells exist) and count in the critical sparsity."""
         points = {}
-        # at most: both ends, then one value per halving of the bracket
-        most = 2 + max(0, math.ceil(math.log2(1.0 / max(resolution, 1e-6))))
-        progress = tqdm(total=most, desc=f"search {site}", unit="value", disable=not self.verbose)
+        # at most: the known values, both ends, then one value per halving of the bracket
+        most = len(known) + 2 + max(0, math.ceil(math.log2(1.0 / max(resolution, 1e-6))))
+        progress = tqdm(total=most, desc=f"{label} {site}", unit="value", disable=not self.verbose)
 
         def f(value):
             value = round(value, 6)
             if value not in points:
-                points[value] = self.mean_normalized(site, value)
+                points[value] = evaluate(value)
                 progress.update(1)
                 progress.set_postfix(p=value, normalized=f"{points[value][1]:.3f}")
             return points[value]
 
+        for value in known:
+            f(value)
         hi, lo = 1.0, 0.0
         if f(hi)[1] < threshold:
             status = "never_reached"
@@ -199,10 +226,13 @@ class SweepRunner:
         values = sorted(points)
         curve = [points[v] for v in values]
         result = critical_sparsity([c[0] for c in curve], [c[1] for c in curve], threshold, values)
-        return {"site": site, "critical": result.as_dict(), "status": status, "bracket": [lo, hi],
-                "resolution": resolution, "cells_evaluated": self.evaluations - before,
-                "values_evaluated": len(values), "points": [{"value": v, "sparsity": points[v][0],
-                                                             "normalized": points[v][1]} for v in values]}
+        return {"critical": result.as_dict(), "status": status, "bracket": [lo, hi], "values_evaluated": len(values),
+                "points": [{"value": v, "sparsity": points[v][0], "normalized": points[v][1]} for v in values]}
+
+
+def perplexity(items: list[dict]) -> float:
+    """Word perplexity of a perplexity-task cell from its per-document log-likelihoods and word counts."""
+    return float(np.exp(-sum(i["loglikelihood"] for i in items) / sum(i["words"] for i in items)))
 
 
 def measured_sparsity(result: dict, site: str) -> float:

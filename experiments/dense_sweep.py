@@ -64,7 +64,7 @@ def main() -> None:
     runner = SweepRunner(lm, spec, store, manager, shard)
     extra = {}
     if args.search:
-        extra["search"] = runner.run_search(args.threshold, args.resolution)
+        extra["search"] = runner.run_search(args.threshold, args.resolution, args.ppl_percent)
         atomic_write_json(output / "search.json", extra["search"])
     else:
         runner.run_grid()
@@ -82,8 +82,10 @@ def main() -> None:
             line += f"; PPL-{args.ppl_percent:g}% criterion grid={ppl[0]['grid']:.3f}"
         print(line)
     for search in extra.get("search", []):
+        ppl = "".join(f"; PPL-{args.ppl_percent:g}% on {task}: interpolated={found['critical']['interpolated']:.3f} "
+                      f"with {found['values_evaluated']} values" for task, found in search["ppl"].items())
         print(f"{search['site']:>12}: search found interpolated={search['critical']['interpolated']:.3f} with "
-              f"{search['values_evaluated']} values ({search['cells_evaluated']} new cells)")
+              f"{search['values_evaluated']} values{ppl} ({search['cells_evaluated']} new cells)")
     print(f"results: {output}/tidy.csv, critical.json, figures/")
 
 

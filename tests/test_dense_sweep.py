@@ -116,19 +116,26 @@ def test_sweep_resumes_without_redoing_cells_and_shards_partition(manager, tmp_p
 
 def test_search_brackets_with_fewer_evaluations(manager, tmp_path):
     lm = SparseHFLM(pretrained=tiny_model("llama"), tokenizer=char_tokenizer(), batch_size=4)
-    spec = SweepSpec(model="tiny", sites=["intermediate"], tasks=["bb_general_knowledge"], limit=4)
+    spec = SweepSpec(model="tiny", sites=["intermediate"], tasks=["bb_general_knowledge", "fables_ppl"], limit=4)
     runner = SweepRunner(lm, spec, ResultStore(tmp_path), manager, verbose=False)
-    [result] = runner.run_search(threshold=0.99, resolution=0.25)
-    assert result["values_evaluated"] <= 5 and result["cells_evaluated"] == result["values_evaluated"] + 1  # + dense
-    lo, hi = result["bracket"]
-    assert result["status"] != "crossed" or hi - lo <= 0.25
-    # the tables and critical sparsity use exactly the searched points, not the paper grid
+    [result] = runner.run_search(threshold=0.99, resolution=0.25, ppl_percent=1.0)
+    accuracy_values = {p["value"] for p in result["points"]}
+    ppl = result["ppl"]["fables_ppl"]
+    ppl_values = {p["value"] for p in ppl["points"]}
+    assert len(accuracy_values) <= 5 and accuracy_values <= ppl_values and len(ppl_values - accuracy_values) <= 5
+    # every accuracy value costs both tasks, a perplexity-only value one cell, dense one cell per task
+    assert result["cells_evaluated"] == 2 * len(accuracy_values) + len(ppl_values - accuracy_values) + 2
+    for found in (result, ppl):
+        lo, hi = found["bracket"]
+        assert found["status"] != "crossed" or hi - lo <= 0.25
+    # the perplexity ratio the search used is the one the tidy table computes
     from common.analysis import write_report
 
     summary = write_report(runner.store, spec, tmp_path / "report", iterations=20)
     [entry] = summary["critical"]
-    assert entry["tasks"]["bb_general_knowledge"]["points"] == result["values_evaluated"]
-    assert sorted(spec.grid) == sorted(point["value"] for point in result["points"])
+    assert entry["tasks"]["bb_general_knowledge"]["points"] == len(accuracy_values)
+    assert sorted(spec.grid) == sorted(accuracy_values | ppl_values)
+    assert entry["ppl_1pct_fables_ppl"]["interpolated"] == pytest.approx(ppl["critical"]["interpolated"])
 
 
 def test_critical_sparsity_on_hand_made_curves():
