@@ -139,7 +139,11 @@ class SweepRunner:
         return [t for t in self.spec.tasks if t not in PERPLEXITY_TASKS]
 
     def mean_normalized(self, site: str, value: float) -> tuple[float, float]:
-        """(mean measured sparsity, mean normalized score) over the scoring tasks at one value."""
+        """(mean measured sparsity, mean normalized score) over the scoring tasks at one value.
+
+        Tasks whose dense score is 0 have no normalized score and are left out (as in the
+        task-average curve of the tables); if every task is, the search cannot run.
+        """
         sparsities, normalized = [], []
         for task in self.spec.tasks:
             result = self.cell(site, value, task)
@@ -147,8 +151,12 @@ class SweepRunner:
                 continue
             metric = self.spec.metric_for(task)
             dense = self.cell(DENSE, 1.0, task)["metrics"][metric]
-            normalized.append(result["metrics"][metric] / dense if dense else math.nan)
-            sparsities.append(measured_sparsity(result, site))
+            if dense:
+                normalized.append(result["metrics"][metric] / dense)
+                sparsities.append(measured_sparsity(result, site))
+        if not normalized:
+            raise ValueError(f"the dense model scores 0 on every scoring task ({', '.join(self.scoring_tasks())}), so "
+                             "normalized scores are undefined; use more items (--limit) or other tasks")
         return float(np.mean(sparsities)), float(np.mean(normalized))
 
     def perplexity_ratio(self, site: str, value: float, task: str) -> tuple[float, float]:

@@ -122,6 +122,7 @@ def test_search_brackets_with_fewer_evaluations(manager, tmp_path):
     accuracy_values = {p["value"] for p in result["points"]}
     ppl = result["ppl"]["fables_ppl"]
     ppl_values = {p["value"] for p in ppl["points"]}
+    assert all(0 <= point["normalized"] < 10 for point in result["points"] + ppl["points"])  # defined (dense acc > 0)
     assert len(accuracy_values) <= 5 and accuracy_values <= ppl_values and len(ppl_values - accuracy_values) <= 5
     # every accuracy value costs both tasks, a perplexity-only value one cell, dense one cell per task
     assert result["cells_evaluated"] == 2 * len(accuracy_values) + len(ppl_values - accuracy_values) + 2
@@ -209,6 +210,10 @@ def test_dense_sweep_script_end_to_end_and_resume(tmp_path):
         assert (out / "figures" / figure).is_file(), figure
     second = _run(*args)
     assert second.returncode == 0 and "resuming: 10 of 10 cells" in second.stdout
+    search_args = args[args.index("--limit"):]  # same limit, tasks, dtype, output; bisection instead of the grid
+    searched = _run("--model", str(model_dir), "--sites", "input", "--search", "--resolution", "0.5", *search_args)
+    assert searched.returncode == 0, searched.stderr[-2000:]
+    assert "input: search found interpolated=" in searched.stdout and "PPL-1% on fables_ppl" in searched.stdout
 
 
 def test_dense_sweep_script_bad_input(tmp_path):

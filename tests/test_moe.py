@@ -200,6 +200,17 @@ def test_moe_experts_script_end_to_end(tmp_path):
     for figure in ("expert_minmeanmax_intermediate.png", "expert_heatmap_intermediate.pdf",
                    "expert_sparsity_vs_tokens_intermediate.png", "expert_task_spread_intermediate.png"):
         assert (out / "figures" / figure).is_file(), figure
+    search_args = ["--model", str(model_dir), "--search", "--resolution", "0.5", "--limit", "4", "--dtype", "float32",
+                   "--bootstrap", "20", "--output", str(tmp_path / "search"), "--experts-implementation", "eager"]
+    # this random model scores 0 on these 4 items: no normalized score, a clear error instead of a NaN search
+    undefined = _moe_script(*search_args, "--tasks", "bb_general_knowledge")
+    assert undefined.returncode == 2 and "the dense model scores 0 on every scoring task" in undefined.stderr
+    searched = _moe_script(*search_args, "--tasks", "bb_social_iqa")
+    assert searched.returncode == 0, searched.stderr[-2000:]
+    [search] = json.loads((tmp_path / "search" / "search.json").read_text())
+    assert all(point["normalized"] == point["normalized"] for point in search["points"])  # no NaN
+    assert search["values_evaluated"] == (3 if search["status"] == "crossed" else 2)  # 1.0, 0.0, then 0.5
+    assert json.loads((tmp_path / "search" / "experts.json").read_text())["intermediate"]["per_layer_pooled"]
 
 
 def test_moe_experts_script_rejects_dense_models_and_unknown_aliases(tmp_path):
