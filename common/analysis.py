@@ -136,6 +136,19 @@ def figures(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, critical: 
         paths += plots.lines(average, "measured_sparsity", "normalized", "site",
                              f"{spec.model}: average over {scoring.task.nunique()} tasks", folder / "curve_average",
                              xlabel="measured sparsity", ylabel="normalized score", hline=threshold)
+    if "choice_kl" in scoring.columns and scoring.choice_kl.notna().any():
+        # continuous fidelity: smooth where accuracy on a few hundred items is noisy
+        sparse = scoring[scoring.value < 1.0]
+        fidelity_average = sparse.groupby(["site", "value"], as_index=False)[
+            ["measured_sparsity", "choice_kl", "gold_loglik_delta"]].mean()
+        paths += plots.lines(fidelity_average, "measured_sparsity", "choice_kl", "site",
+                             f"{spec.model}: answer KL(dense || sparse), average over tasks",
+                             folder / "fidelity_choice_kl", xlabel="measured sparsity", ylabel="mean KL (nats)",
+                             logy=bool((fidelity_average.choice_kl > 0).all()))
+        paths += plots.lines(fidelity_average, "measured_sparsity", "gold_loglik_delta", "site",
+                             f"{spec.model}: gold answer log-likelihood change, average over tasks",
+                             folder / "fidelity_gold_loglik", xlabel="measured sparsity",
+                             ylabel="mean change of log p(gold) vs dense")
     layer_rows = []
     for key, result in store.records(model=spec.model, rule=spec.rule, power=float(spec.power), limit=spec.limit):
         if key["site"] in spec.sites and key["task"] in spec.tasks:

@@ -43,10 +43,12 @@ def heatmap(frame: pd.DataFrame, index: str, columns: str, values: str, title: s
 
 def lines(frame: pd.DataFrame, x: str, y: str, hue: str | None, title: str, path: str | Path,
           xlabel: str | None = None, ylabel: str | None = None, hline: float | None = None,
-          marker: str = "o", errorbar=None) -> list[Path]:
+          marker: str = "o", errorbar=None, logy: bool = False) -> list[Path]:
     """One line per ``hue`` value of y against x."""
     fig, ax = plt.subplots(figsize=(6, 4))
     sns.lineplot(data=frame, x=x, y=y, hue=hue, marker=marker, ax=ax, errorbar=errorbar)
+    if logy:
+        ax.set_yscale("log")
     if hline is not None:
         ax.axhline(hline, color="grey", linestyle="--", linewidth=1)
     ax.set_title(title)

@@ -59,22 +59,28 @@ def moe_tables(folder: Path) -> None:
 
 
 def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
-    """Per site: the search's critical sparsity and evaluations against the full grid's."""
+    """Per site: the search's critical sparsity (accuracy and PPL-1%) and values against the full grid's."""
     searches = json.loads((search_folder / "search.json").read_text())
-    grid = {c["site"]: c for c in json.loads((grid_folder / "critical.json").read_text())["critical"]}
-    spec = json.loads((grid_folder / "critical.json").read_text())["spec"]
-    scoring = [t for t in spec["tasks"] if t not in PERPLEXITY_TASKS]
-    print("| site | grid: values | grid: critical (interpolated) | search: values | search: critical (interpolated) "
-          "| difference |")
-    print("|---|---|---|---|---|---|")
+    summary = json.loads((grid_folder / "critical.json").read_text())
+    grid = {c["site"]: c for c in summary["critical"]}
+    scoring = [t for t in summary["spec"]["tasks"] if t not in PERPLEXITY_TASKS]
+    print("Task-average critical sparsity (interpolated) and values evaluated; PPL-1% on the perplexity task.\n")
+    print("| site | grid | search | difference | values (grid / search) | PPL-1% grid | PPL-1% search "
+          "| PPL values (search) |")
+    print("|---|---|---|---|---|---|---|---|")
     for search in searches:
-        full = grid.get(search["site"], {}).get("task_average_curve")
-        found = search["critical"]["interpolated"]
-        if full is None:
+        full = grid.get(search["site"], {})
+        if "task_average_curve" not in full:
             continue
-        print(f"| {search['site']} | {len(spec['grid'])} | {full['interpolated']:.3f} | {search['values_evaluated']} "
-              f"| {found:.3f} | {found - full['interpolated']:+.3f} |")
-    print(f"\nEvaluations = values x {len(scoring)} scoring tasks (the perplexity task is evaluated at each value too).\n")
+        grid_value = full["task_average_curve"]["interpolated"]
+        found = search["critical"]["interpolated"]
+        ppl_grid = next((v["interpolated"] for k, v in full.items() if k.startswith("ppl_")), None)
+        ppl_search = next(iter(search.get("ppl", {}).values()), None)
+        print(f"| {search['site']} | {grid_value:.3f} | {found:.3f} | {found - grid_value:+.3f} "
+              f"| {len(summary['spec']['grid'])} / {search['values_evaluated']} | {_fmt(ppl_grid)} "
+              f"| {_fmt(ppl_search and ppl_search['critical']['interpolated'])} "
+              f"| {ppl_search['values_evaluated'] if ppl_search else '-'} |")
+    print(f"\nAn accuracy value costs {len(scoring)} scoring tasks + the perplexity task; a PPL-only value one cell.\n")
 
 
 def main() -> None:

@@ -206,7 +206,8 @@ def test_dense_sweep_script_end_to_end_and_resume(tmp_path):
     summary = json.loads((out / "critical.json").read_text())
     assert {c["site"] for c in summary["critical"]} == {"intermediate", "input"}
     assert (out / "tidy.csv").read_text().count("\n") == 1 + 2 * 2 * 2
-    for figure in ("curve_average.png", "layer_sparsity_input.pdf", "critical_sparsity.png", "effective_rank.png"):
+    for figure in ("curve_average.png", "layer_sparsity_input.pdf", "critical_sparsity.png", "effective_rank.png",
+                   "fidelity_choice_kl.png", "fidelity_gold_loglik.pdf"):
         assert (out / "figures" / figure).is_file(), figure
     second = _run(*args)
     assert second.returncode == 0 and "resuming: 10 of 10 cells" in second.stdout
