@@ -33,7 +33,7 @@ def dense_tables(folder: Path) -> None:
         average = entry.get("task_average_curve", {})
         ppl = next((v for k, v in entry.items() if k.startswith("ppl_")), None)
         cells.append(f"{average.get('interpolated', 0):.3f} ({average.get('grid', 0):.3f}) {average.get('status', '')}")
-        cells.append("-" if ppl is None else f"{ppl['grid']:.3f}")
+        cells.append("-" if ppl is None else f"{ppl['interpolated']:.3f} ({ppl['grid']:.3f})")
         print(f"| {entry['site']} | " + " | ".join(cells) + " |")
     overhead = summary.get("overhead", {})
     if overhead:
