@@ -9,22 +9,12 @@ activations on CPU); checks that the three thresholds are identical.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from bench_rules import median_seconds  # the script's folder is on sys.path
 
 from common.rules import (_in_row_chunks, _topp_threshold_bracketed, _topp_threshold_radix, magnitudes,
                           topp_threshold_reference)
-
-
-def median_seconds(fn, repeats: int):
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def main() -> None:

@@ -144,3 +144,20 @@ def test_bad_rule_arguments(kwargs, match):
 def test_integer_tensor_is_rejected():
     with pytest.raises(TypeError, match="floating tensor"):
         keep_mask(torch.arange(8).reshape(2, 4), "topp", 0.5)
+
+
+@pytest.mark.parametrize("script, args", [
+    ("bench_rules.py", ["--values", "0.9"]),
+    ("bench_topp_paths.py", []),
+])
+def test_rule_benchmarks_run_and_check_identity(script, args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    result = subprocess.run([sys.executable, str(path), "--rows", "64", "--widths", "576", "1536", "--repeats", "1",
+                             *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 576") or line.startswith("| 1536")]
+    assert rows and all(line.rstrip(" |").endswith("True") for line in rows)
