@@ -27,9 +27,9 @@ def main() -> None:
     args = parser.parse_args()
     import lm_eval
 
-    from common.lm_eval_bridge import SparseHFLM
-    from common.models import load_causal_lm
-    from common.tasks import task_manager
+    from common.evaluation.bridge import SparseHFLM
+    from common.models.loading import load_causal_lm
+    from common.evaluation.tasks import task_manager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     model, tokenizer = load_causal_lm(args.model, dtype=torch.bfloat16)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from common.rules import keep_mask, magnitudes, topp_threshold_reference
+from common.core.rules import keep_mask, magnitudes, topp_threshold_reference
 
 
 def reference_topp_mask(x: torch.Tensor, p: float) -> torch.Tensor:

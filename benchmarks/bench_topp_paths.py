@@ -13,7 +13,7 @@ import argparse
 import torch
 from bench_rules import median_seconds  # the script's folder is on sys.path
 
-from common.rules import (_in_row_chunks, _topp_threshold_bracketed, _topp_threshold_radix, magnitudes,
+from common.core.rules import (_in_row_chunks, _topp_threshold_bracketed, _topp_threshold_radix, magnitudes,
                           topp_threshold_reference)
 
 

@@ -15,9 +15,9 @@ import argparse
 import os
 
 from common.cli import add_sweep_arguments, output_folder, run_main, sweep_settings
-from common.critical import PAPER_DENSE_GRID
-from common.store import ResultStore, atomic_write_json
-from common.tasks import OFFLINE_SUITE, PERPLEXITY_TASK
+from common.analysis.critical import PAPER_DENSE_GRID
+from common.evaluation.store import ResultStore, atomic_write_json
+from common.evaluation.tasks import OFFLINE_SUITE, PERPLEXITY_TASK
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,11 +34,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from common.analysis import write_report
-    from common.lm_eval_bridge import SparseHFLM
-    from common.models import load_causal_lm
-    from common.sweep import SweepRunner, SweepSpec
-    from common.tasks import task_manager
+    from common.analysis.report import write_report
+    from common.evaluation.bridge import SparseHFLM
+    from common.models.loading import load_causal_lm
+    from common.evaluation.sweep import SweepRunner, SweepSpec
+    from common.evaluation.tasks import task_manager
 
     sites, tasks, shard, grid, device, dtype, device_map = sweep_settings(args, PAPER_DENSE_GRID)
     spec = SweepSpec(model=args.model, sites=sites, tasks=tasks, rule=args.rule, power=args.power, grid=grid,
@@ -69,7 +69,7 @@ def main() -> None:
     else:
         runner.run_grid()
     if args.effective_rank:
-        from common.analysis import effective_rank_pass
+        from common.analysis.report import effective_rank_pass
 
         extra["effective_rank"] = effective_rank_pass(model, tokenizer, sites, output)
     summary = write_report(store, spec, output, args.threshold, args.ppl_percent, args.bootstrap, extra)

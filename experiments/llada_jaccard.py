@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from common.cli import default_device, output_folder, parse_dtype, run_main
-from common.sites import SITES
+from common.core.sites import SITES
 from llada_sparsity.modeling import load_llada
 from llada_sparsity.study import JaccardStudy, read_prompts, run_study
 

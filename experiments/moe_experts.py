@@ -13,9 +13,9 @@ import argparse
 import os
 
 from common.cli import add_sweep_arguments, output_folder, run_main, sweep_settings
-from common.critical import PAPER_MOE_GRID
-from common.store import ResultStore, atomic_write_json
-from common.tasks import OFFLINE_SUITE, PERPLEXITY_TASK
+from common.analysis.critical import PAPER_MOE_GRID
+from common.evaluation.store import ResultStore, atomic_write_json
+from common.evaluation.tasks import OFFLINE_SUITE, PERPLEXITY_TASK
 
 
 def parse_args() -> argparse.Namespace:
@@ -31,10 +31,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from common.analysis import write_report
-    from common.lm_eval_bridge import SparseHFLM
-    from common.sweep import SweepRunner, SweepSpec
-    from common.tasks import task_manager
+    from common.analysis.report import write_report
+    from common.evaluation.bridge import SparseHFLM
+    from common.evaluation.sweep import SweepRunner, SweepSpec
+    from common.evaluation.tasks import task_manager
     from moe_sparsity.models import load_moe
     from moe_sparsity.study import write_expert_study
 

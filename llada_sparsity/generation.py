@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from common.recorder import SparsityRecorder
+from common.core.recorder import SparsityRecorder
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from common.recorder import SparsityRecorder
+from common.core.recorder import SparsityRecorder
 
 from .generation import model_mask_id
 

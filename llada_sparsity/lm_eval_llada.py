@@ -16,9 +16,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from common.hooks import Sparsifier
-from common.lm_eval_bridge import SparsificationSettings
-from common.recorder import SparsityRecorder
+from common.core.hooks import Sparsifier
+from common.evaluation.bridge import SparsificationSettings
+from common.core.recorder import SparsityRecorder
 
 from .generation import generate
 from .likelihood import log_likelihood

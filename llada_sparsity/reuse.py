@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from common.hooks import Sparsifier
-from common.rules import keep_mask
+from common.core.hooks import Sparsifier
+from common.core.rules import keep_mask
 
 from .generation import DenoisingStep, generate
 

@@ -21,13 +21,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from common import plots
-from common.hooks import Sparsifier
-from common.recorder import SparsityRecorder
-from common.rules import validate_rule
-from common.sites import expand_sites
-from common.stats import summarize
-from common.store import ResultStore, atomic_write_json, write_csv
+from common.analysis import figures as plots
+from common.core.hooks import Sparsifier
+from common.core.recorder import SparsityRecorder
+from common.core.rules import validate_rule
+from common.core.sites import expand_sites
+from common.core.stats import summarize
+from common.evaluation.store import ResultStore, atomic_write_json, write_csv
 
 from .generation import check_schedule, generate
 from .jaccard import METRICS, StepJaccard

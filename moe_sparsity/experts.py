@@ -29,10 +29,10 @@ from transformers.integrations.moe import (
     grouped_mm_experts_forward,
 )
 
-from common.hooks import _call_attention_mask, _call_phase
-from common.recorder import SparsityRecorder
-from common.rules import keep_mask, validate_rule
-from common.sites import detect_architecture, expand_sites, layer_list_path, resolve_layers
+from common.core.hooks import ModelHooks
+from common.core.recorder import SparsityRecorder
+from common.core.rules import keep_mask, validate_rule
+from common.core.sites import detect_architecture, expand_sites, layer_list_path, resolve_layers
 
 SUPPORTED_BACKENDS = ("grouped_mm", "batched_mm", "eager")
 _PREFIX = "activation_sparsity_"
@@ -180,7 +180,7 @@ def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
     return out
 
 
-class ExpertSparsifier:
+class ExpertSparsifier(ModelHooks):
     """Context manager: sparsify expert sites with a rule; counts per (layer, expert, site).
 
     ``per_token_sink(layer, site, kept_slots [T, K], selected, top_k_index [T, K], width)`` gets the
@@ -192,13 +192,12 @@ class ExpertSparsifier:
                  power: float = 1.0, layers=None, recorder: SparsityRecorder | None = None,
                  per_token_sink=None):
         validate_rule(rule, value, power)
-        self.model = model
+        super().__init__(model, recorder)
         self.modules = experts_modules(model)
         chosen = set(resolve_layers(model, layers))
         self.modules = {i: m for i, m in self.modules.items() if i in chosen}
         self.sites = set(expand_sites(sites))
         self.rule, self.value, self.power = rule, float(value), float(power)
-        self.recorder = recorder if recorder is not None else SparsityRecorder()
         self.per_token_sink = per_token_sink
         self.backend = getattr(model.config, "_experts_implementation", None) or "grouped_mm"
         if self.backend.startswith(_PREFIX):
@@ -207,7 +206,6 @@ class ExpertSparsifier:
             raise ValueError(f"experts backend {self.backend!r} is not supported; call "
                              f"model.set_experts_implementation(one of {', '.join(SUPPORTED_BACKENDS)}) first")
         self.num_experts = next(iter(self.modules.values())).num_experts
-        self._handles: list = []
         self._valid: torch.Tensor | None = None
 
     # ---- counting -------------------------------------------------------------------------------
@@ -229,9 +227,6 @@ class ExpertSparsifier:
         self.recorder.add_expert_counts(layer, site, kept, routed * width, routed)
 
     # ---- hooks ----------------------------------------------------------------------------------
-    def _root_pre_hook(self, module, args, kwargs):
-        self.recorder.begin_call(_call_attention_mask(args, kwargs), _call_phase(args, kwargs))
-
     def _experts_pre_hook(self, layer, module, args, kwargs):
         hidden_states, top_k_index = args[0] if args else kwargs["hidden_states"], \
             args[1] if len(args) > 1 else kwargs["top_k_index"]
@@ -248,26 +243,18 @@ class ExpertSparsifier:
             return (sparse,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": sparse}
 
-    def __enter__(self):
+    def install(self) -> None:
         self._saved_backend = self.model.config._experts_implementation
-        try:
-            self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
-            for layer, module in self.modules.items():
-                module._activation_sparsity = _ExpertState(self, layer)
-                self._handles.append(module.register_forward_pre_hook(
-                    lambda m, a, k, layer=layer: self._experts_pre_hook(layer, m, a, k), with_kwargs=True))
-            self.model.set_experts_implementation(_PREFIX + self.backend)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+        for layer, module in self.modules.items():
+            module._activation_sparsity = _ExpertState(self, layer)
+            self.add(module.register_forward_pre_hook(
+                lambda m, a, k, layer=layer: self._experts_pre_hook(layer, m, a, k), with_kwargs=True))
+        self.model.set_experts_implementation(_PREFIX + self.backend)
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def uninstall(self) -> None:
         for module in self.modules.values():
             if hasattr(module, "_activation_sparsity"):
                 del module._activation_sparsity
         if getattr(self, "_saved_backend", None) is not None:
             self.model.set_experts_implementation(self._saved_backend)
+            self._saved_backend = None

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from common.models import cache_dir, resolve_model_path
-from common.sites import ARCHITECTURES
+from common.models.loading import cache_dir, resolve_model_path
+from common.core.sites import ARCHITECTURES
 
 MOE_ALIASES = {
     "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",

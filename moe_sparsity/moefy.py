@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.hooks import ActivationCapture
+from common.core.hooks import ActivationCapture
 
 
 def calibration_text(characters: int = 60000) -> str:
@@ -140,7 +140,7 @@ def build_moefied(alias_dir: Path, dense_name: str = "smollm2-135m", experts: in
     """Build (once) and cache the MoEfied model directory."""
     if (alias_dir / "config.json").is_file():
         return alias_dir
-    from common.models import load_causal_lm
+    from common.models.loading import load_causal_lm
 
     dense, tokenizer = load_causal_lm(dense_name, dtype=torch.float32)
     moe, report = moefy(dense, tokenizer, experts, top_k)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import plots
-from common.store import ResultStore, atomic_write_json, write_csv
-from common.sweep import SweepSpec
-from common.tasks import PERPLEXITY_TASKS
+from common.analysis import figures as plots
+from common.evaluation.store import ResultStore, atomic_write_json, write_csv
+from common.evaluation.sweep import SweepSpec
+from common.evaluation.tasks import PERPLEXITY_TASKS
 
 POOLED = "all tasks"
 

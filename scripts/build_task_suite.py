@@ -1,4 +1,4 @@
-"""Extract the offline task suite from the BIG-bench sdist (Apache-2.0) into common/task_data/.
+"""Extract the offline task suite from the BIG-bench sdist (Apache-2.0) into common/evaluation/task_data/.
 
     pip download --no-deps bigbench==1.0.0 -d /tmp/bb && tar xzf /tmp/bb/bigbench-1.0.0.tar.gz -C /tmp/bb
     python scripts/build_task_suite.py /tmp/bb/bigbench-1.0.0/bigbench/benchmark_tasks

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.tasks import PERPLEXITY_TASKS
+from common.evaluation.tasks import PERPLEXITY_TASKS
 
 
 def _fmt(value) -> str:

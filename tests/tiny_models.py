@@ -35,7 +35,7 @@ def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
 
 def mlp_modules(model):
     """The decoder-layer MLP modules, in layer order."""
-    from common.sites import layer_list_path
+    from common.core.sites import layer_list_path
 
     return [layer.mlp for layer in model.get_submodule(layer_list_path(model))]
 

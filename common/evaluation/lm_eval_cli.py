@@ -1,6 +1,6 @@
 """lm-eval's command line with this toolkit's models registered and the offline suite on the path.
 
-    python -m common.lm_eval_cli run --model sparse-hf \
+    python -m common.evaluation.lm_eval_cli run --model sparse-hf \
         --model_args pretrained=DIR,sites=input+intermediate,rule=topp,value=0.9,stats_file=stats.json \
         --tasks bb_social_iqa bb_movie_recommendation --limit 100
 
@@ -14,11 +14,11 @@ import sys
 
 
 def main() -> None:
-    import common.lm_eval_bridge  # noqa: F401  (registers sparse-hf)
+    import common.evaluation.bridge  # noqa: F401  (registers sparse-hf)
     import llada_sparsity.lm_eval_llada  # noqa: F401  (registers llada-sparse)
     from lm_eval.__main__ import cli_evaluate
 
-    from common.tasks import offline_task_dir
+    from common.evaluation.tasks import offline_task_dir
 
     if "--include_path" not in sys.argv and len(sys.argv) > 1 and sys.argv[1] == "run":
         sys.argv += ["--include_path", str(offline_task_dir())]

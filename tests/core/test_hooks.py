@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from common import ActivationCapture, EffectiveRank, Sparsifier, SparsityRecorder, keep_mask, summarize
-from common.recorder import lengths_to_valid
-from common.sites import detect_architecture, expand_sites
+from common.core.recorder import lengths_to_valid
+from common.core.sites import detect_architecture, expand_sites
 from tiny_models import DENSE_ARCHITECTURES, mlp_modules, tiny_model
 
 IDS = torch.randint(1, 90, (2, 7))
@@ -169,7 +169,7 @@ def test_capture_leaves_output_unchanged_and_effective_rank():
 
 
 def test_effective_rank_known_values():
-    from common.stats import effective_rank
+    from common.core.stats import effective_rank
 
     assert effective_rank(torch.eye(6)) == pytest.approx(6.0)
     assert effective_rank(torch.outer(torch.randn(9), torch.randn(5))) == pytest.approx(1.0, abs=1e-3)

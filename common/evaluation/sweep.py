@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from .critical import PAPER_DENSE_GRID, critical_sparsity
-from .sites import expand_sites
-from .store import ResultStore, in_shard
-from .tasks import PERPLEXITY_TASKS, primary_metric
+from common.analysis.critical import PAPER_DENSE_GRID, critical_sparsity
+from common.core.sites import expand_sites
+from common.evaluation.store import ResultStore, in_shard
+from common.evaluation.tasks import PERPLEXITY_TASKS, primary_metric
 
 DENSE = "dense"
 
@@ -38,7 +38,7 @@ class SweepSpec:
     grid: list[float] = field(default_factory=lambda: list(PAPER_DENSE_GRID))
     limit: int | None = None
     layers: list[int] | None = None
-    metric: str | None = None  # None: each task's primary metric (common.tasks.PRIMARY_METRIC)
+    metric: str | None = None  # None: each task's primary metric (common.evaluation.tasks.PRIMARY_METRIC)
 
     def key(self, site: str, value: float, task: str) -> dict:
         dense = site == DENSE

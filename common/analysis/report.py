@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plots
-from .critical import bootstrap_critical, bootstrap_indices, critical_sparsity, paired_bootstrap_ratio
-from .store import ResultStore, atomic_write_json, write_csv
-from .sweep import DENSE, SweepSpec, measured_sparsity, perplexity
-from .tasks import PERPLEXITY_TASKS
+from common.analysis import figures as plots
+from common.analysis.critical import bootstrap_critical, bootstrap_indices, critical_sparsity, paired_bootstrap_ratio
+from common.evaluation.store import ResultStore, atomic_write_json, write_csv
+from common.evaluation.sweep import DENSE, SweepSpec, measured_sparsity, perplexity
+from common.evaluation.tasks import PERPLEXITY_TASKS
 
 
 def _log_softmax(values: np.ndarray) -> np.ndarray:
@@ -191,11 +191,11 @@ def effective_rank_pass(model, tokenizer, sites, output: Path, documents: int = 
 
     import torch
 
-    from .hooks import ActivationCapture
-    from .recorder import SparsityRecorder
-    from .sites import expand_sites
-    from .stats import EffectiveRank
-    from .tasks import DATA, PERPLEXITY_TASKS
+    from common.core.hooks import ActivationCapture
+    from common.core.recorder import SparsityRecorder
+    from common.core.sites import expand_sites
+    from common.core.stats import EffectiveRank
+    from common.evaluation.tasks import DATA, PERPLEXITY_TASKS
 
     texts = [json.loads(line)["text"] for line in
              (DATA / PERPLEXITY_TASKS["fables_ppl"]).read_text().splitlines()[:documents]]

@@ -20,12 +20,12 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .hooks import Sparsifier
-from .recorder import SparsityRecorder
-from .rules import validate_rule
-from .sites import detect_architecture, expand_sites, resolve_layers
-from .stats import summarize
-from .store import atomic_write_json
+from common.core.hooks import Sparsifier
+from common.core.recorder import SparsityRecorder
+from common.core.rules import validate_rule
+from common.core.sites import detect_architecture, expand_sites, resolve_layers
+from common.core.stats import summarize
+from common.evaluation.store import atomic_write_json
 
 
 def split_arg(value) -> list:

@@ -1,4 +1,4 @@
-"""The offline task suite: real BIG-bench items shipped in ``common/task_data`` as lm-eval tasks.
+"""The offline task suite: real BIG-bench items shipped in ``common/evaluation/task_data`` as lm-eval tasks.
 
 lm-eval resolves ``data_files`` against the working directory, so the YAML configs are written
 at run time (idempotently) into a folder of the cache with absolute paths to the shipped data;
@@ -6,7 +6,7 @@ at run time (idempotently) into a folder of the cache with absolute paths to the
 
 Items come from BIG-bench (Apache-2.0); Social IQa items are CC-BY-4.0 (Sap et al. 2019); the
 fables are Aesop (public domain). See
-``common/task_data/LICENSES.md``.
+``common/evaluation/task_data/LICENSES.md``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .models import cache_dir
+from common.models.loading import cache_dir
 
 DATA = Path(__file__).parent / "task_data"
 

@@ -20,7 +20,7 @@ from llada_sparsity.modeling import load_llada
 from llada_sparsity.reuse import mask_reuse_experiment
 from official_llada import OfficialLLaDA
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ def test_llada_jaccard_script_bad_input_is_one_line(golden_with_tokenizer):
 def test_llada_lm_eval_model_at_p_one_equals_dense_and_counts(golden_with_tokenizer):
     import lm_eval
 
-    from common.tasks import task_manager
+    from common.evaluation.tasks import task_manager
     from llada_sparsity.lm_eval_llada import LLaDALM
 
     manager = task_manager()

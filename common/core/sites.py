@@ -100,7 +100,7 @@ def detect_architecture(model: nn.Module) -> Architecture:
     if row is None:
         raise ValueError(
             f"unsupported architecture {model_type or type(model).__name__!r}; supported model types: "
-            f"{', '.join(supported_model_types())} (add a row to common.sites.ARCHITECTURES)"
+            f"{', '.join(supported_model_types())} (add a row to common.core.sites.ARCHITECTURES)"
         )
     return row
 

@@ -42,7 +42,7 @@ def default_device(name: str | None) -> str:
 
 def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int = 1000) -> None:
     """Flags shared by the sweep scripts (dense and MoE)."""
-    from .sites import SITES
+    from common.core.sites import SITES
 
     parser.add_argument("--sites", nargs="+", default=["intermediate"], help=f"any of {', '.join(SITES)}, or all")
     parser.add_argument("--rule", default="topp", choices=["topp", "maxp", "topk"])
@@ -66,10 +66,10 @@ def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int =
 
 def sweep_settings(args, default_grid: list[float]):
     """Validated (sites, tasks, shard, grid, device, dtype, device_map) from the shared flags."""
-    from .rules import validate_rule
-    from .sites import SITES, expand_sites
-    from .store import parse_shard
-    from .tasks import check_tasks, resolve_task_names
+    from common.core.rules import validate_rule
+    from common.core.sites import SITES, expand_sites
+    from common.evaluation.store import parse_shard
+    from common.evaluation.tasks import check_tasks, resolve_task_names
 
     sites = list(SITES) if args.sites == ["all"] else args.sites
     for site in sites:

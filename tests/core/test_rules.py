@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.rules import _topp_threshold_bracketed, _topp_threshold_radix, keep_mask, magnitudes, sparsify, topp_threshold_reference
+from common.core.rules import _topp_threshold_bracketed, _topp_threshold_radix, keep_mask, magnitudes, sparsify, topp_threshold_reference
 
 
 def _golden_cases(golden_dir):
@@ -87,7 +87,7 @@ def test_fast_topp_paths_match_full_sort(threshold_fn, dtype, width):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_p_one_shortcut_matches_full_sort(dtype):
-    from common.rules import topp_threshold
+    from common.core.rules import topp_threshold
 
     x = (torch.randn(64, 700) * torch.randn(64, 700).exp()).to(dtype)
     x[0] = 0  # all zeros: the reference keeps everything
@@ -155,7 +155,7 @@ def test_rule_benchmarks_run_and_check_identity(script, args):
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / script
     result = subprocess.run([sys.executable, str(path), "--rows", "64", "--widths", "576", "1536", "--repeats", "1",
                              *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.critical import bootstrap_critical, critical_sparsity, paired_bootstrap_ratio
-from common.lm_eval_bridge import SparseHFLM
-from common.store import ResultStore, parse_shard
-from common.sweep import SweepRunner, SweepSpec
-from common.tasks import task_manager
+from common.analysis.critical import bootstrap_critical, critical_sparsity, paired_bootstrap_ratio
+from common.evaluation.bridge import SparseHFLM
+from common.evaluation.store import ResultStore, parse_shard
+from common.evaluation.sweep import SweepRunner, SweepSpec
+from common.evaluation.tasks import task_manager
 from tiny_models import char_tokenizer, save_tiny_llama, tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASKS = ["bb_general_knowledge", "fables_ppl"]
 
 
@@ -130,7 +130,7 @@ def test_search_brackets_with_fewer_evaluations(manager, tmp_path):
         lo, hi = found["bracket"]
         assert found["status"] != "crossed" or hi - lo <= 0.25
     # the perplexity ratio the search used is the one the tidy table computes
-    from common.analysis import write_report
+    from common.analysis.report import write_report
 
     summary = write_report(runner.store, spec, tmp_path / "report", iterations=20)
     [entry] = summary["critical"]
@@ -167,7 +167,7 @@ def test_paired_bootstrap_is_paired():
 
 
 def test_offline_task_configs_point_at_this_checkouts_data(tmp_path, monkeypatch):
-    from common import tasks
+    from common.evaluation import tasks
 
     monkeypatch.setenv("ACTIVATION_SPARSITY_CACHE", str(tmp_path))
     folder = tasks.offline_task_dir()
@@ -232,7 +232,7 @@ def test_lm_eval_command_line_with_sparse_hf(tmp_path):
     model_dir = save_tiny_llama(tmp_path / "tiny")
     stats = tmp_path / "stats.json"
     result = subprocess.run(
-        [sys.executable, "-m", "common.lm_eval_cli", "run", "--model", "sparse-hf", "--model_args",
+        [sys.executable, "-m", "common.evaluation.lm_eval_cli", "run", "--model", "sparse-hf", "--model_args",
          f"pretrained={model_dir},sites=input+intermediate,value=0.8,stats_file={stats}",
          "--tasks", "bb_general_knowledge", "--limit", "4", "--batch_size", "4"],
         capture_output=True, text=True, cwd=REPO, timeout=600,

@@ -12,8 +12,8 @@ from collections import defaultdict
 
 import torch
 
-from .recorder import SparsityRecorder
-from .sites import SITE_GROUPS
+from common.core.recorder import SparsityRecorder
+from common.core.sites import SITE_GROUPS
 
 
 def summarize(recorder: SparsityRecorder | list[dict], **context_filter) -> dict[str, dict]:

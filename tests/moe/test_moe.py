@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.lm_eval_bridge import SparseHFLM
-from common.recorder import lengths_to_valid
-from common.rules import keep_mask
-from common.sites import expand_sites
+from common.evaluation.bridge import SparseHFLM
+from common.core.recorder import lengths_to_valid
+from common.core.rules import keep_mask
+from common.core.sites import expand_sites
 from moe_sparsity.experts import SUPPORTED_BACKENDS, ExpertSparsifier
 from tiny_models import MOE_ARCHITECTURES, char_tokenizer, tiny_model, tiny_moe
 
@@ -119,7 +119,7 @@ def test_bridge_on_moe_matches_hflm_and_excludes_padding():
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from common.tasks import task_manager
+    from common.evaluation.tasks import task_manager
 
     manager = task_manager()
     model, tokenizer = tiny_moe("qwen3_moe"), char_tokenizer()
@@ -174,7 +174,7 @@ def _moe_script(*args):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     return subprocess.run([sys.executable, str(repo / "experiments" / "moe_experts.py"), *args], capture_output=True,
                           text=True, cwd=repo, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
