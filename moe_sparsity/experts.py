@@ -34,6 +34,8 @@ from common.core.recorder import SparsityRecorder
 from common.core.rules import keep_mask, validate_rule
 from common.core.sites import detect_architecture, expand_sites, layer_list_path, resolve_layers
 
+from .counting import expert_totals
+
 SUPPORTED_BACKENDS = ("grouped_mm", "batched_mm", "eager")
 _PREFIX = "activation_sparsity_"
 
@@ -220,13 +222,9 @@ class ExpertSparsifier(ModelHooks):
             weight = weight * self._valid.reshape(-1, 1).long()
         if selected is not None:
             weight = weight * selected.long()
-        flat = top_k_index.reshape(-1)
-        zeros = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device)
-        kept = zeros.index_add(0, flat, (kept_slots.long() * weight).reshape(-1))
-        routed = zeros.index_add(0, flat, weight.reshape(-1))
+        kept, routed = expert_totals(kept_slots, weight, top_k_index, self.num_experts)
         self.recorder.add_expert_counts(layer, site, kept, routed * width, routed)
 
-    # ---- hooks ----------------------------------------------------------------------------------
     def _experts_pre_hook(self, layer, module, args, kwargs):
         hidden_states, top_k_index = args[0] if args else kwargs["hidden_states"], \
             args[1] if len(args) > 1 else kwargs["top_k_index"]

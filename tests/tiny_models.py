@@ -83,3 +83,23 @@ def tiny_moe(name: str, experts: int = 6, top_k: int = 2, seed: int = 0) -> torc
         return T.OlmoeForCausalLM(config).eval()
     config = T.MixtralConfig(**shared, intermediate_size=48, num_key_value_heads=2, num_local_experts=experts)
     return T.MixtralForCausalLM(config).eval()
+
+
+def tiny_official_llada():
+    """LLaDA with its official module names (the hub's remote-code layout), from the golden checkpoint."""
+    from pathlib import Path
+
+    from official_llada import OfficialLLaDA
+
+    return OfficialLLaDA.from_dir(Path(__file__).parent / "golden" / "tiny_llada").eval()
+
+
+def tiny_model_for_row(row_name: str) -> torch.nn.Module:
+    """A tiny model for every row of the site table: a row without one fails the site-table test."""
+    if row_name in DENSE_ARCHITECTURES:
+        return tiny_model(row_name)
+    if row_name in MOE_ARCHITECTURES:
+        return tiny_moe(row_name)
+    if row_name == "llada":
+        return tiny_official_llada()
+    raise KeyError(f"no tiny model for the site-table row {row_name!r}: add one to tests/tiny_models.py")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -24,20 +27,108 @@ def run_main(main: Callable[[], object]) -> None:
         sys.exit(130)
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
 def parse_dtype(name: str | None) -> torch.dtype | None:
+    """An explicit dtype name, or None for 'auto' (see ``choose_dtype``)."""
     if name in (None, "auto"):
         return None
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in names:
-        raise ValueError(f"unknown --dtype {name!r}; use float32, bfloat16 or float16")
-    return names[name]
+    if name not in DTYPES:
+        raise ValueError(f"unknown --dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
 
 
-def default_device(name: str | None) -> str:
-    if name:
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def cpu_has_native_bfloat16() -> bool:
+    """True on CPUs with bfloat16 arithmetic in hardware (AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_dtype(name: str | None, device: str) -> tuple[torch.dtype, str]:
+    """(dtype, why): an explicit --dtype always wins; 'auto' is bfloat16 on GPUs and on CPUs with
+    native bfloat16, float32 on other CPUs (where bfloat16 matmuls are emulated and ~6x slower)."""
+    explicit = parse_dtype(name)
+    if explicit is not None:
+        return explicit, "as asked"
+    kind = torch.device(device).type
+    if kind == "cpu":
+        if cpu_has_native_bfloat16():
+            return torch.bfloat16, "auto: this CPU has native bfloat16"
+        return torch.float32, "auto: this CPU has no native bfloat16 (bfloat16 would be emulated, several times slower)"
+    return torch.bfloat16, f"auto: {kind} device"
+
+
+def check_device(name: str | None) -> str:
+    """The device to use; a one-line error for a device this machine does not have."""
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown --device {name!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return name
+
+
+def check_output_folder(path: Path) -> Path:
+    """Create the results folder now (not after hours of computing) and check it is writable."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output {path} is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create the results folder {path}: {error.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"the results folder {path} is not writable; choose another --output")
+    return path
+
+
+def batch_size(text: str) -> str | int:
+    """lm-eval's --batch-size: a positive integer, 'auto' or 'auto:N'."""
+    text = str(text)
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text == "auto" or (text.startswith("auto:") and text[5:].isdigit() and int(text[5:]) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid --batch-size {text!r}: a positive integer, auto or auto:N")
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected 1 or more, got 0")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int = 1000) -> None:
@@ -46,26 +137,33 @@ def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int =
 
     parser.add_argument("--sites", nargs="+", default=["intermediate"], help=f"any of {', '.join(SITES)}, or all")
     parser.add_argument("--rule", default="topp", choices=["topp", "maxp", "topk"])
-    parser.add_argument("--power", type=float, default=1.0)
-    parser.add_argument("--grid", type=float, nargs="+", default=None, help="rule values (default: the paper's grid)")
+    parser.add_argument("--power", type=finite_float, default=1.0)
+    parser.add_argument("--grid", type=finite_float, nargs="+", default=None,
+                        help="rule values (default: the paper's grid)")
     parser.add_argument("--search", action="store_true", help="bisect for the critical value instead of the grid")
     parser.add_argument("--resolution", type=float, default=0.01, help="--search stops when the bracket is this narrow")
     parser.add_argument("--tasks", nargs="+", default=None,
                         help="lm-eval task names; 'offline' (default) = the shipped suite, 'paper' = the paper's nine")
     parser.add_argument("--metric", default=None,
                         help="score of every multiple-choice task (acc or acc_norm; default: each task's own)")
-    parser.add_argument("--limit", type=int, default=default_limit, help="first N items of every task (0 = all)")
-    parser.add_argument("--threshold", type=float, default=0.99, help="normalized score kept at critical sparsity")
-    parser.add_argument("--bootstrap", type=int, default=bootstrap, help="paired bootstrap resamples")
-    parser.add_argument("--batch-size", default="16")
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default) | float16")
+    parser.add_argument("--limit", type=non_negative_int, default=default_limit,
+                        help="first N items of every task (0 = all)")
+    parser.add_argument("--threshold", type=finite_float, default=0.99, help="normalized score kept at critical sparsity")
+    parser.add_argument("--bootstrap", type=non_negative_int, default=bootstrap, help="paired bootstrap resamples")
+    parser.add_argument("--batch-size", type=batch_size, default=16, help="a positive integer, auto or auto:N")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (default: bfloat16 on GPUs and CPUs with native bfloat16, else float32), "
+                             "float32, bfloat16 or float16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or 'auto' (device_map=auto)")
     parser.add_argument("--output", default=None, help=f"results folder (default results/{study}/<model>)")
     parser.add_argument("--shard", default=None, help="K/N: this process evaluates the K-th of N cell shards")
+    parser.add_argument("--allow-mixed", action="store_true",
+                        help="resume a store written with other torch / transformers / lm-eval versions")
 
 
 def sweep_settings(args, default_grid: list[float]):
-    """Validated (sites, tasks, shard, grid, device, dtype, device_map) from the shared flags."""
+    """Validated (sites, tasks, shard, grid, device, dtype, device_map) from the shared flags; prints
+    the dtype chosen and why."""
     from common.core.rules import validate_rule
     from common.core.sites import SITES, expand_sites
     from common.evaluation.store import parse_shard
@@ -79,11 +177,15 @@ def sweep_settings(args, default_grid: list[float]):
     grid = args.grid or list(default_grid)
     for value in grid:
         validate_rule(args.rule, value, args.power)
-    device = default_device(None if args.device == "auto" else args.device)
-    dtype = parse_dtype(args.dtype) or torch.bfloat16
+    if not 0 < args.threshold <= 1:
+        raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
+    device = check_device(None if args.device == "auto" else args.device)
+    dtype, why = choose_dtype(args.dtype, device)
+    print(f"dtype {str(dtype).replace('torch.', '')} ({why}); device {args.device or device}")
     return sites, tasks, parse_shard(args.shard), grid, device, dtype, "auto" if args.device == "auto" else None
 
 
 def output_folder(args, study: str) -> Path:
+    """The results folder (created and checked for writing now, before any computing)."""
     name = Path(args.model).name if Path(args.model).is_dir() else args.model.replace("/", "--")
-    return Path(args.output or Path("results") / study / name)
+    return check_output_folder(Path(args.output or Path("results") / study / name))

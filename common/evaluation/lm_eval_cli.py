@@ -15,10 +15,12 @@ import sys
 
 def main() -> None:
     import common.evaluation.bridge  # noqa: F401  (registers sparse-hf)
-    import llada_sparsity.lm_eval_llada  # noqa: F401  (registers llada-sparse)
     from lm_eval.__main__ import cli_evaluate
 
+    from common.evaluation.plugins import load_plugins
     from common.evaluation.tasks import offline_task_dir
+
+    load_plugins()  # the specialized packages' models (llada-sparse)
 
     if "--include_path" not in sys.argv and len(sys.argv) > 1 and sys.argv[1] == "run":
         sys.argv += ["--include_path", str(offline_task_dir())]
