@@ -1,9 +1,9 @@
 """Time a sparsified lm-eval evaluation against the dense one, side by side in one process.
 
 Alternates dense and sparse runs (after one warm-up each) on the same items and reports the
-median time ratio per site.
+median time ratio per site, in the chosen dtype.
 
-    python benchmarks/bench_eval_overhead.py --model smollm2-135m --task bb_social_iqa --limit 100
+    python benchmarks/bench_eval_overhead.py --model smollm2-135m --task bb_social_iqa --limit 100 --dtype float32
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import time
 
 import torch
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -24,6 +26,9 @@ def main() -> None:
     parser.add_argument("--sites", nargs="+", default=["intermediate", "input", "all_inputs"])
     parser.add_argument("--value", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--per-request", action="store_true",
+                        help="score every choice with its full context (lm-eval's own path)")
     args = parser.parse_args()
     import lm_eval
 
@@ -32,8 +37,9 @@ def main() -> None:
     from common.evaluation.tasks import task_manager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    model, tokenizer = load_causal_lm(args.model, dtype=torch.bfloat16)
-    lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=16, softmax_dtype="float32")
+    model, tokenizer = load_causal_lm(args.model, dtype=DTYPES[args.dtype])
+    lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=16, softmax_dtype="float32",
+                    shared_context=not args.per_request)
     manager = task_manager()
 
     def timed(site):
@@ -45,7 +51,8 @@ def main() -> None:
 
     for site in [None] + args.sites:
         timed(site)  # warm-up
-    print(f"{args.model}, {args.task}, {args.limit} items, top-p {args.value}, {torch.get_num_threads()} threads")
+    print(f"{args.model}, {args.dtype}, {args.task}, {args.limit} items, top-p {args.value}, "
+          f"{'per-request' if args.per_request else 'shared-context'} scoring, {torch.get_num_threads()} threads")
     print("| site | dense s | sparse s | ratio |")
     print("|---|---|---|---|")
     for site in args.sites:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from common.cli import add_sweep_arguments, output_folder, run_main, sweep_settings
-from common.analysis.critical import PAPER_DENSE_GRID
-from common.evaluation.store import ResultStore, atomic_write_json
-from common.evaluation.tasks import OFFLINE_SUITE, PERPLEXITY_TASK
+from common.cli import add_sweep_arguments, finite_float, output_folder, positive_int, run_main, sweep_settings
+from common.evaluation.sweep import PAPER_DENSE_GRID
+from common.evaluation.tasks import PERPLEXITY_TASK
 
 
 def parse_args() -> argparse.Namespace:
@@ -26,67 +25,66 @@ def parse_args() -> argparse.Namespace:
                         "llama3.2-1b, qwen2.5-0.5b, ...), hub id or local directory")
     add_sweep_arguments(parser, "dense_sweep", default_limit=50)
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="sparsify only these layers")
-    parser.add_argument("--ppl-percent", type=float, default=1.0, help="PPL-p%% criterion: allowed perplexity rise")
+    parser.add_argument("--ppl-percent", type=finite_float, default=1.0, help="PPL-p%% criterion: allowed perplexity rise")
     parser.add_argument("--effective-rank", action="store_true", help="effective rank per layer and site (dense)")
-    parser.add_argument("--mc-num", type=int, default=128, help="LLaDA: Monte Carlo samples per likelihood")
-    return parser.parse_args()
+    parser.add_argument("--mc-num", type=positive_int, default=128, help="LLaDA: Monte Carlo samples per likelihood")
+    parser.add_argument("--rehearse", action="store_true", help="run the whole study on a small random-weight "
+                        "replica of the model's structure (offline, CPU); outputs say rehearsal")
+    args = parser.parse_args()
+    if args.rehearse:
+        from common.cli.rehearsal import QUICK_SWEEP, rehearsal_defaults
+
+        rehearsal_defaults(parser, args, search=args.grid is None, mc_num=2, **QUICK_SWEEP)
+    return args
 
 
 def main() -> None:
     args = parse_args()
-    from common.analysis.report import write_report
+    from common.cli.sweep import open_store, run_sweep
     from common.evaluation.bridge import SparseHFLM
+    from common.evaluation.sweep import SweepSpec
     from common.models.loading import load_causal_lm
-    from common.evaluation.sweep import SweepRunner, SweepSpec
-    from common.evaluation.tasks import task_manager
 
     sites, tasks, shard, grid, device, dtype, device_map = sweep_settings(args, PAPER_DENSE_GRID)
-    spec = SweepSpec(model=args.model, sites=sites, tasks=tasks, rule=args.rule, power=args.power, grid=grid,
-                     limit=args.limit or None, layers=args.layers, metric=args.metric)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from common.models.plan import print_plan
+    from common.cli.rehearsal import mark_rehearsal
+    from common.models.replica import rehearsal_model
     from llada_sparsity.modeling import is_llada_name
 
-    if is_llada_name(args.model):  # scored with LLaDA's Monte Carlo likelihood (perplexity tasks unsupported)
+    real_name, replica, replica_tokenizer = args.model, None, None
+    if args.rehearse:  # random-weight replica of the real structure; outputs labelled as a rehearsal
+        replica, replica_tokenizer, args.model = rehearsal_model(real_name, None, dtype, device)
+        dtype = replica.dtype
+    else:
+        print_plan(args.model, dtype, device_map or device, args.batch_size)
+    output = output_folder(args, "dense_sweep")
+    store = open_store(output, dtype, device_map or device, args.allow_mixed)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if is_llada_name(real_name):  # scored with LLaDA's Monte Carlo likelihood (perplexity tasks unsupported)
         from llada_sparsity.lm_eval_llada import LLaDALM
 
-        lm = LLaDALM(args.model, dtype=dtype, device=device, mc_num=args.mc_num, batch_size=int(args.batch_size))
+        lm = LLaDALM(args.model if replica is None else replica, tokenizer=replica_tokenizer, dtype=dtype,
+                     device=device, mc_num=args.mc_num,
+                     batch_size=args.batch_size if isinstance(args.batch_size, int) else 16)
         model, tokenizer = lm.model, lm.tokenizer
         tasks = [t for t in tasks if t != PERPLEXITY_TASK]
-        spec.tasks = tasks
     else:
-        model, tokenizer = load_causal_lm(args.model, dtype=dtype, device=device,
-                                          device_map=device_map)
+        model, tokenizer = (replica, replica_tokenizer) if args.rehearse else \
+            load_causal_lm(args.model, dtype=dtype, device=device, device_map=device_map)
         lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, softmax_dtype="float32",
                         device=str(model.device))
-    manager = task_manager(include_defaults=any(t not in OFFLINE_SUITE + [PERPLEXITY_TASK] for t in tasks))
-    output = output_folder(args, "dense_sweep")
-    store = ResultStore(output)
-    runner = SweepRunner(lm, spec, store, manager, shard)
+    spec = SweepSpec(model=args.model, sites=sites, tasks=tasks, rule=args.rule, power=args.power, grid=grid,
+                     limit=args.limit or None, layers=args.layers, metric=args.metric,
+                     dtype=str(dtype).replace("torch.", ""), device_type=model.device.type)
     extra = {}
-    if args.search:
-        extra["search"] = runner.run_search(args.threshold, args.resolution, args.ppl_percent)
-        atomic_write_json(output / "search.json", extra["search"])
-    else:
-        runner.run_grid()
     if args.effective_rank:
         from common.analysis.report import effective_rank_pass
 
         extra["effective_rank"] = effective_rank_pass(model, tokenizer, sites, output)
-    summary = write_report(store, spec, output, args.threshold, args.ppl_percent, args.bootstrap, extra)
-    for entry in summary["critical"]:
-        curve = entry.get("task_average_curve", {})
-        line = (f"{entry['site']:>12}: critical sparsity (task-average curve) grid={curve.get('grid', 0):.3f} "
-                f"interpolated={curve.get('interpolated', 0):.3f} [{curve.get('status')}]")
-        ppl = [v for k, v in entry.items() if k.startswith("ppl_")]
-        if ppl:
-            line += f"; PPL-{args.ppl_percent:g}% criterion grid={ppl[0]['grid']:.3f}"
-        print(line)
-    for search in extra.get("search", []):
-        ppl = "".join(f"; PPL-{args.ppl_percent:g}% on {task}: interpolated={found['critical']['interpolated']:.3f} "
-                      f"with {found['values_evaluated']} values" for task, found in search["ppl"].items())
-        print(f"{search['site']:>12}: search found interpolated={search['critical']['interpolated']:.3f} with "
-              f"{search['values_evaluated']} values{ppl} ({search['cells_evaluated']} new cells)")
-    print(f"results: {output}/tidy.csv, critical.json, figures/")
+    if run_sweep(args, lm, spec, store, shard, args.ppl_percent, extra) is not None:
+        if args.rehearse:
+            mark_rehearsal(output, real_name, model)
+        print(f"results: {output}/tidy.csv, critical.json, figures/")
 
 
 if __name__ == "__main__":

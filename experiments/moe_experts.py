@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from common.cli import add_sweep_arguments, output_folder, run_main, sweep_settings
-from common.analysis.critical import PAPER_MOE_GRID
-from common.evaluation.store import ResultStore, atomic_write_json
-from common.evaluation.tasks import OFFLINE_SUITE, PERPLEXITY_TASK
+from common.cli import add_sweep_arguments, finite_float, output_folder, run_main, sweep_settings
+from common.evaluation.sweep import PAPER_MOE_GRID
+from common.core.rules import validate_rule
 
 
 def parse_args() -> argparse.Namespace:
@@ -23,40 +22,59 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="moefied-smollm2-135m",
                         help="qwen3-30b-a3b, olmoe-1b-7b, a hub id, a local directory, or moefied-smollm2-135m")
     add_sweep_arguments(parser, "moe_experts", default_limit=30, bootstrap=500)
-    parser.add_argument("--critical-value", type=float, default=None,
+    parser.add_argument("--critical-value", type=finite_float, default=None,
                         help="report experts at this rule value instead of the measured critical one")
     parser.add_argument("--experts-implementation", default=None, choices=["grouped_mm", "batched_mm", "eager"])
-    return parser.parse_args()
+    parser.add_argument("--rehearse", action="store_true", help="run the whole study on a small random-weight "
+                        "replica of the model's structure (offline, CPU, about a minute); outputs say rehearsal")
+    args = parser.parse_args()
+    if args.rehearse:
+        from common.cli.rehearsal import QUICK_SWEEP, rehearsal_defaults
+
+        rehearsal_defaults(parser, args, search=args.grid is None, **QUICK_SWEEP)
+    return args
 
 
 def main() -> None:
     args = parse_args()
-    from common.analysis.report import write_report
+    from common.cli.sweep import open_store, run_sweep
     from common.evaluation.bridge import SparseHFLM
-    from common.evaluation.sweep import SweepRunner, SweepSpec
-    from common.evaluation.tasks import task_manager
+    from common.evaluation.sweep import SweepSpec
     from moe_sparsity.models import load_moe
     from moe_sparsity.study import write_expert_study
 
     sites, tasks, shard, grid, device, dtype, device_map = sweep_settings(args, PAPER_MOE_GRID)
+    from common.models.plan import print_plan
+    from common.cli.rehearsal import mark_rehearsal
+    from common.models.replica import rehearsal_model
+
+    real_name = args.model
+    if args.rehearse:  # random-weight replica of the real structure; outputs labelled as a rehearsal
+        model, tokenizer, args.model = rehearsal_model(real_name, "moe", dtype, device,
+                                                       experts_implementation=args.experts_implementation)
+        dtype = model.dtype
+    else:
+        print_plan(args.model, dtype, device_map or device, args.batch_size, family="moe")
+    if args.critical_value is not None:
+        validate_rule(args.rule, args.critical_value, args.power)
+        grid = sorted(set(grid) | {args.critical_value}, reverse=True)  # its cells are needed for the expert tables
+    output = output_folder(args, "moe_experts")
+    store = open_store(output, dtype, device_map or device, args.allow_mixed)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    model, tokenizer = load_moe(args.model, dtype, device, device_map, args.experts_implementation)
+    if not args.rehearse:
+        model, tokenizer = load_moe(args.model, dtype, device, device_map, args.experts_implementation)
     lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, softmax_dtype="float32",
                     device=str(model.device))
     spec = SweepSpec(model=args.model, sites=sites, tasks=tasks, rule=args.rule, power=args.power, grid=grid,
-                     limit=args.limit or None, metric=args.metric)
-    output = output_folder(args, "moe_experts")
-    store = ResultStore(output)
-    manager = task_manager(include_defaults=any(t not in OFFLINE_SUITE + [PERPLEXITY_TASK] for t in tasks))
-    runner = SweepRunner(lm, spec, store, manager, shard)
-    extra = {"experts_implementation": model.config._experts_implementation}
-    if args.search:
-        extra["search"] = runner.run_search(args.threshold, args.resolution)
-        atomic_write_json(output / "search.json", extra["search"])
-    else:
-        runner.run_grid()
-    summary = write_report(store, spec, output, args.threshold, 1.0, args.bootstrap, extra)
+                     limit=args.limit or None, metric=args.metric, dtype=str(dtype).replace("torch.", ""),
+                     device_type=model.device.type)
+    summary = run_sweep(args, lm, spec, store, shard,
+                        extra={"experts_implementation": model.config._experts_implementation})
+    if summary is None:
+        return
     experts = write_expert_study(store, spec, summary["critical"], output, args.critical_value)
+    if args.rehearse:
+        mark_rehearsal(output, real_name, model)
     for site, entry in experts.items():
         print(f"{site}: experts at p={entry['critical_value']} (critical sparsity of the task-average curve "
               f"{entry['critical_sparsity'].get('grid', 0):.3f}, {entry['critical_sparsity'].get('status')}); "

@@ -15,6 +15,7 @@ counted.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -70,6 +71,13 @@ def check_schedule(steps: int, gen_length: int, block_length: int) -> int:
     return blocks
 
 
+def check_sampling(temperature: float, cfg_scale: float) -> None:
+    """Temperature and guidance scale must be finite numbers >= 0 (0 = greedy / no guidance)."""
+    for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0 (0 = off), got {value!r}")
+
+
 def model_mask_id(model) -> int:
     mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
     if mask_id is None:
@@ -84,14 +92,17 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
              logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False,
              eos_id: int = 126081, eot_id: int = 126348, recorder: SparsityRecorder | None = None,
              on_step: Iterable[Callable[[DenoisingStep, torch.Tensor], None]] = (),
+             on_logits: Iterable[Callable[[DenoisingStep, torch.Tensor, torch.Tensor], None]] = (),
              return_steps: bool = False):
     """Official LLaDA sampling. ``prompt`` is [B, P] token ids (left-padded with ``attention_mask``).
 
-    Returns the [B, P + gen_length] tokens, and with ``return_steps`` also the list of
-    sequences fed to the model at each step.
+    ``on_step(info, x)`` callbacks run before each step's forward, ``on_logits(info, x, logits)``
+    after it (the step's guided logits, before any EOS masking). Returns the [B, P + gen_length]
+    tokens, and with ``return_steps`` also the list of sequences fed to the model at each step.
     """
     mask_id = model_mask_id(model) if mask_id is None else int(mask_id)
     blocks = check_schedule(steps, gen_length, block_length)
+    check_sampling(temperature, cfg_scale)
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
     if prompt.dim() == 1:
@@ -105,9 +116,8 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask.to(device),
                                     torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device)], dim=-1)
-    prompt_index = x != mask_id
     steps_per_block = steps // blocks
-    on_step = list(on_step)
+    on_step, on_logits = list(on_step), list(on_logits)
     history = []
     for block in range(blocks):
         start = prompt_length + block * block_length
@@ -120,7 +130,12 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
             if return_steps:
                 history.append(x.clone())
             mask_index = x == mask_id
-            logits = _step_logits(model, x, prompt_index, attention_mask, cfg_scale, mask_id, recorder, info)
+            context = (recorder.context(step=info.global_step, block=info.block) if recorder is not None
+                       else nullcontext())
+            with context:
+                logits = guided_logits(model, x, prompt_length, cfg_scale, mask_id, attention_mask, recorder)
+            for callback in on_logits:
+                callback(info, x, logits)
             if logits_eos_inf:
                 logits[:, :, eos_id] = -torch.inf
             noisy = add_gumbel_noise(logits, temperature)
@@ -144,20 +159,27 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
     return (x, history) if return_steps else x
 
 
-def _step_logits(model, x, prompt_index, attention_mask, cfg_scale, mask_id, recorder, info):
-    """One denoising forward; with cfg the unconditional copy has the prompt masked."""
-    context = recorder.context(step=info.global_step, block=info.block) if recorder is not None else nullcontext()
-    if cfg_scale > 0:
-        unconditional = x.clone()
-        unconditional[prompt_index] = mask_id
-        inputs = torch.cat([x, unconditional], dim=0)
-        mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask], dim=0)
+def guided_logits(model, x: torch.Tensor, prompt_length: int, cfg_scale: float, mask_id: int,
+                  attention_mask: torch.Tensor | None = None,
+                  recorder: SparsityRecorder | None = None) -> torch.Tensor:
+    """Logits of one forward; with ``cfg_scale > 0`` classifier-free guidance (official).
+
+    The unconditional copy of ``x`` has its first ``prompt_length`` positions masked and runs
+    in the same batch; logits = un + (cfg + 1)(cond - un). Only the conditional half is counted
+    by the recorder. Used by denoising and by the Monte Carlo likelihood alike.
+    """
+    if cfg_scale <= 0:
+        return model(x, attention_mask=attention_mask).logits
+    unconditional = x.clone()
+    unconditional[:, :prompt_length] = mask_id
+    inputs = torch.cat([x, unconditional], dim=0)
+    mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask], dim=0)
+    counted = nullcontext()
+    if recorder is not None:
         valid = torch.zeros(inputs.shape, dtype=torch.bool, device=x.device)
         valid[: x.shape[0]] = True if attention_mask is None else attention_mask.bool()
-        counted = recorder.valid_tokens(valid) if recorder is not None else nullcontext()
-        with context, counted:
-            logits = model(inputs, attention_mask=mask).logits
-        conditional, unconditional_logits = torch.chunk(logits, 2, dim=0)
-        return unconditional_logits + (cfg_scale + 1) * (conditional - unconditional_logits)
-    with context:
-        return model(x, attention_mask=attention_mask).logits
+        counted = recorder.valid_tokens(valid)
+    with counted:
+        logits = model(inputs, attention_mask=mask).logits
+    conditional, unconditional_logits = torch.chunk(logits, 2, dim=0)
+    return unconditional_logits + (cfg_scale + 1) * (conditional - unconditional_logits)

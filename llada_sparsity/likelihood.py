@@ -10,14 +10,12 @@ are made in the official order, so seeding reproduces the official values.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 
 from common.core.recorder import SparsityRecorder
 
-from .generation import model_mask_id
+from .generation import check_sampling, guided_logits, model_mask_id
 
 
 def forward_process(batch: torch.Tensor, prompt_length: int, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,25 +34,6 @@ def forward_process(batch: torch.Tensor, prompt_length: int, mask_id: int) -> tu
     return torch.where(is_mask, mask_id, batch), (counts / target_length).unsqueeze(1)
 
 
-def guided_logits(model, batch: torch.Tensor, prompt_length: int, cfg_scale: float, mask_id: int,
-                  recorder: SparsityRecorder | None = None) -> torch.Tensor:
-    """Logits, with classifier-free guidance when cfg_scale > 0 (only the conditional half is counted)."""
-    if cfg_scale <= 0:
-        return model(batch).logits
-    unconditional = batch.clone()
-    unconditional[:, :prompt_length] = mask_id
-    inputs = torch.cat([batch, unconditional])
-    counted = nullcontext()
-    if recorder is not None:
-        valid = torch.zeros(inputs.shape, dtype=torch.bool, device=batch.device)
-        valid[: batch.shape[0]] = True
-        counted = recorder.valid_tokens(valid)
-    with counted:
-        logits = model(inputs).logits
-    conditional, unconditional_logits = torch.chunk(logits, 2, dim=0)
-    return unconditional_logits + (cfg_scale + 1) * (conditional - unconditional_logits)
-
-
 @torch.no_grad()
 def log_likelihood(model, prompt: torch.Tensor, answer: torch.Tensor, mc_num: int = 128, batch_size: int = 16,
                    cfg_scale: float = 0.0, mask_id: int | None = None,
@@ -66,6 +45,7 @@ def log_likelihood(model, prompt: torch.Tensor, answer: torch.Tensor, mc_num: in
         raise ValueError("the answer is empty; the likelihood of an empty answer is not defined")
     if bool((prompt == mask_id).any()) or bool((answer == mask_id).any()):
         raise ValueError(f"prompt or answer contains the mask token id {mask_id}; remove it")
+    check_sampling(0.0, cfg_scale)
     if mc_num % batch_size:
         raise ValueError(f"mc_num={mc_num} must be a multiple of batch_size={batch_size}")
     device = next(model.parameters()).device
@@ -74,7 +54,7 @@ def log_likelihood(model, prompt: torch.Tensor, answer: torch.Tensor, mc_num: in
     for _ in range(mc_num // batch_size):
         noisy, fraction = forward_process(seq, len(prompt), mask_id)
         masked = noisy == mask_id
-        logits = guided_logits(model, noisy, len(prompt), cfg_scale, mask_id, recorder)
+        logits = guided_logits(model, noisy, len(prompt), cfg_scale, mask_id, recorder=recorder)
         weights = fraction.expand_as(masked)[masked]
         loss = F.cross_entropy(logits[masked].float(), seq[masked], reduction="none") / weights
         losses.append(loss.sum() / batch_size)

@@ -11,19 +11,18 @@ llada``, ``model.transformer.*`` weight names) without remote code by mapping th
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from common.models.aliases import ModelAlias, lookup, register, register_config_converter
+from common.models.loading import first_line, resolve_model_path
+
 from .char_tokenizer import VOCAB_FILE, CharTokenizer
 
-EMBEDDED_LLADA = Path(__file__).parent / "data" / "tiny_llada_chars"
-LLADA_ALIASES = {
-    "llada-8b-base": "GSAI-ML/LLaDA-8B-Base",
-    "llada-8b-instruct": "GSAI-ML/LLaDA-8B-Instruct",
-    "tiny-llada-chars": str(EMBEDDED_LLADA),  # the embedded default (train_tiny.py)
-}
+EMBEDDED_LLADA = Path(__file__).parent / "data" / "tiny_llada_chars"  # the embedded default (train_tiny.py)
 # Official LLaDA special ids (8B tokenizer); small checkpoints carry their own in config.json.
 LLADA_8B_MASK_ID = 126336
 LLADA_8B_EOS_ID = 126081
@@ -42,6 +41,15 @@ OFFICIAL_TO_LLAMA_KEYS = {
     **{rf"^model\.transformer\.blocks\.(\d+)\.{old}\.": rf"model.layers.\1.{new}."
        for old, new in OFFICIAL_BLOCK_NAMES.items()},
 }
+
+
+def official_to_llama_name(name: str) -> str | None:
+    """The Llama parameter name an official checkpoint key loads into (first matching rule), or None."""
+    for pattern, replacement in OFFICIAL_TO_LLAMA_KEYS.items():
+        renamed, count = re.subn(pattern, replacement, name)
+        if count:
+            return renamed
+    return None
 
 
 def to_official_names(state: dict) -> dict:
@@ -117,21 +125,36 @@ def llama_config_from_llada(official: dict) -> LlamaConfig:
     return config
 
 
+def embedded_llada_dir() -> Path:
+    return EMBEDDED_LLADA
+
+
+# Base and Instruct share one layout: the shipped config is Instruct's.
+register_config_converter("llada", llama_config_from_llada, LLaDAModelLM)
+register(
+    ModelAlias("llada-8b-base", "llada", hub_id="GSAI-ML/LLaDA-8B-Base", config="llada-8b-instruct"),
+    ModelAlias("llada-8b-instruct", "llada", hub_id="GSAI-ML/LLaDA-8B-Instruct", config="llada-8b-instruct"),
+    ModelAlias("tiny-llada-chars", "llada", local=embedded_llada_dir),
+)
+
+
 def resolve_llada_path(path_or_id: str) -> Path:
     """A local checkpoint directory for an alias, hub id or path (downloads from the hub if reachable)."""
-    name = LLADA_ALIASES.get(path_or_id, path_or_id)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
+    try:
+        target = resolve_model_path(path_or_id, family="llada")
+    except (FileNotFoundError, ValueError) as error:
+        raise FileNotFoundError(f"cannot find LLaDA checkpoint {path_or_id!r}: {first_line(error)}") from None
+    if Path(target).is_dir():
+        return Path(target)
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                            "tokenizer*"]))
-    except Exception as error:  # offline, unknown repo, no token
+        return Path(snapshot_download(target, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                              "tokenizer*"]))
+    except Exception as error:  # unknown repo, no token, connection lost
         raise FileNotFoundError(
-            f"cannot find LLaDA checkpoint {path_or_id!r}: not a local directory, and the hub download failed "
-            f"({type(error).__name__}); download {name} with `huggingface-cli download {name}` and pass its path"
+            f"cannot find LLaDA checkpoint {path_or_id!r}: the hub download failed ({type(error).__name__}: "
+            f"{first_line(error)}); download {target} with `hf download {target}` and pass its path"
         ) from None
 
 
@@ -184,7 +207,7 @@ def load_llada(path_or_id: str, dtype: torch.dtype | str | None = None, device: 
 
 def is_llada_name(name: str) -> bool:
     """True for a LLaDA alias, or a local directory holding an official LLaDA config."""
-    if name in LLADA_ALIASES or name.startswith("GSAI-ML/LLaDA"):
+    if lookup(name, "llada") is not None or name.startswith("GSAI-ML/LLaDA"):
         return True
     config = Path(name).expanduser() / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "llada"

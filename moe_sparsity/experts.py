@@ -31,7 +31,7 @@ from transformers.integrations.moe import (
 
 from common.core.hooks import ModelHooks
 from common.core.recorder import SparsityRecorder
-from common.core.rules import keep_mask, validate_rule
+from common.core.rules import keep_mask, validate_rule, zero_outside
 from common.core.sites import detect_architecture, expand_sites, layer_list_path, resolve_layers
 
 from .counting import expert_totals
@@ -90,7 +90,7 @@ class _ExpertState:
         mask = keep_mask(tensor, owner.rule, owner.value, owner.power)
         slots, selected = rows.to_slots(mask.sum(dim=-1))
         owner._report(self.layer, site, slots, selected, rows.top_k_index, tensor.shape[-1])
-        return tensor.masked_fill(~mask, 0)
+        return zero_outside(tensor, mask)
 
     def apply_gate(self, module: nn.Module, gate_up_out: torch.Tensor, rows=None) -> torch.Tensor:
         """act(gate) * up, as transformers' default gate, with the rule at up, gate, intermediate."""
@@ -236,7 +236,7 @@ class ExpertSparsifier(ModelHooks):
         mask = keep_mask(hidden_states, self.rule, self.value, self.power)
         kept = mask.sum(dim=-1, keepdim=True).expand(top_k_index.shape)
         self._report(layer, "input", kept, None, top_k_index, hidden_states.shape[-1])
-        sparse = hidden_states.masked_fill(~mask, 0)
+        sparse = zero_outside(hidden_states, mask)
         if args:
             return (sparse,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": sparse}

@@ -1,4 +1,4 @@
-"""MoE model names: aliases of the paper's checkpoints and the embedded MoEfied default."""
+"""MoE model names (rows of the shared alias registry) and the MoE loader."""
 
 from __future__ import annotations
 
@@ -6,35 +6,31 @@ from pathlib import Path
 
 import torch
 
-from common.models.loading import cache_dir, resolve_model_path
 from common.core.sites import ARCHITECTURES
+from common.models.aliases import ModelAlias, register
+from common.models.loading import cache_dir, first_line, resolve_model_path
 
-MOE_ALIASES = {
-    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
-    "olmoe-1b-7b": "allenai/OLMoE-1B-7B-0125",
-}
 EMBEDDED_MOE = "moefied-smollm2-135m"
 MOE_MODEL_TYPES = {t for row in ARCHITECTURES if row.is_moe for t in row.model_types}
 
 
+def embedded_moe_dir() -> Path:
+    """The MoEfied SmolLM2-135M (built once from the real dense model, then cached)."""
+    from .moefy import build_moefied
+
+    return build_moefied(cache_dir() / EMBEDDED_MOE)
+
+
+register(
+    ModelAlias("qwen3-30b-a3b", "moe", hub_id="Qwen/Qwen3-30B-A3B", config="qwen3-30b-a3b"),
+    # The shipped config is OLMoE-1B-7B-0924's; the 0125 release has the same layout.
+    ModelAlias("olmoe-1b-7b", "moe", hub_id="allenai/OLMoE-1B-7B-0125", config="olmoe-1b-7b"),
+    ModelAlias(EMBEDDED_MOE, "moe", local=embedded_moe_dir),
+)
+
+
 def resolve_moe_path(name: str) -> str:
-    if name == EMBEDDED_MOE:
-        from .moefy import build_moefied
-
-        return str(build_moefied(cache_dir() / EMBEDDED_MOE))
-    if name not in MOE_ALIASES and "/" not in name and not Path(name).expanduser().is_dir():
-        known = ", ".join([EMBEDDED_MOE] + sorted(MOE_ALIASES))
-        raise ValueError(f"unknown MoE model {name!r}: give a local directory, a hub id or one of: {known}")
-    return resolve_model_path(MOE_ALIASES.get(name, name))
-
-
-def memory_estimate(config, dtype: torch.dtype) -> float:
-    """GiB the weights need in ``dtype`` (counted on the meta device, nothing allocated)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size() / 2 ** 30
+    return resolve_model_path(name, family="moe")
 
 
 def load_moe(name: str, dtype: torch.dtype, device: str = "cpu", device_map=None,
@@ -43,13 +39,17 @@ def load_moe(name: str, dtype: torch.dtype, device: str = "cpu", device_map=None
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_moe_path(name)
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type not in MOE_MODEL_TYPES:
-        raise ValueError(f"{name} is a {config.model_type!r} model, not a mixture of experts "
-                         f"({', '.join(sorted(MOE_MODEL_TYPES))}); use experiments/dense_sweep.py for dense models")
-    print(f"{name}: the weights need about {memory_estimate(config, dtype):.2f} GiB in {str(dtype).replace('torch.', '')}")
-    kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type not in MOE_MODEL_TYPES:
+            raise ValueError(f"{name} is a {config.model_type!r} model, not a mixture of experts "
+                             f"({', '.join(sorted(MOE_MODEL_TYPES))}); use experiments/dense_sweep.py for dense models")
+        kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        raise FileNotFoundError(f"cannot load MoE model {name!r} from {path} ({first_line(error)}); check the name, "
+                                "or download it while online") from None
     if device_map is None:
         model = model.to(device)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer

@@ -53,7 +53,8 @@ def layer_summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 def write_expert_study(store: ResultStore, spec: SweepSpec, critical: list[dict], output: Path,
                        value_override: float | None = None) -> dict:
-    """Expert tables and figures at each site's critical value (or at ``value_override``)."""
+    """Expert tables and figures at each site's critical value (or at ``value_override``);
+    ``experts.json`` holds them per site with the run's provenance."""
     out = {}
     for entry in critical:
         site = entry["site"]
@@ -65,6 +66,7 @@ def write_expert_study(store: ResultStore, spec: SweepSpec, critical: list[dict]
             continue
         frame = expert_frame(store, spec, site, value)
         if frame.empty:
+            print(f"{site}: no evaluated cells at p={value}; add it to --grid (or leave --critical-value out)")
             continue
         summary = layer_summary(frame)
         write_csv(output / f"experts_{site}.csv", frame.to_dict("records"))
@@ -75,7 +77,7 @@ def write_expert_study(store: ResultStore, spec: SweepSpec, critical: list[dict]
                      "inter_task_std_of_layer_mean": float(
                          summary[summary.task != POOLED].groupby("layer")["mean"].std().mean())}
         _figures(frame, summary, site, value, spec.model, output / "figures")
-    atomic_write_json(output / "experts.json", out)
+    atomic_write_json(output / "experts.json", {"sites": out, "provenance": store.provenance})
     return out
 
 

@@ -47,7 +47,7 @@ def dense_tables(folder: Path) -> None:
 
 def moe_tables(folder: Path) -> None:
     experts = json.loads((folder / "experts.json").read_text())
-    for site, entry in experts.items():
+    for site, entry in experts["sites"].items():
         print(f"### {folder.name}: expert sparsity at p={entry['critical_value']} ({site})\n")
         print("| layer | min | mean | max | std | unrouted |")
         print("|---|---|---|---|---|---|")

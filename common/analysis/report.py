@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 
 from common.analysis import figures as plots
-from common.analysis.critical import bootstrap_critical, bootstrap_indices, critical_sparsity, paired_bootstrap_ratio
+from common.analysis.critical import (bootstrap_critical, bootstrap_indices, critical_sparsity,
+                                      isotonic_crossing, isotonic_interval, mcnemar_exact, paired_bootstrap_ratio,
+                                      perplexity_curves, task_average_curves)
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
 from common.evaluation.sweep import DENSE, SweepSpec, measured_sparsity, perplexity
 from common.evaluation.tasks import PERPLEXITY_TASKS
@@ -42,14 +44,22 @@ def fidelity(sparse_items: list[dict], dense_items: list[dict]) -> dict:
     return {"gold_loglik_delta": float(np.mean(deltas)), "choice_kl": float(np.mean(kls))}
 
 
-def tidy_table(store: ResultStore, spec: SweepSpec, iterations: int = 1000) -> pd.DataFrame:
-    """One row per finished (site, value, task) cell of the sweep, with normalized scores."""
+def tidy_table(store: ResultStore, spec: SweepSpec, iterations: int = 1000,
+               values: dict[str, list[float]] | None = None) -> pd.DataFrame:
+    """One row per finished (site, value, task) cell of the sweep, with normalized scores.
+
+    ``values``: the rule values to report per site (a search's evaluated values); by default the
+    spec's grid for every site, so cells of a search in the same store stay out of a grid report.
+    """
     rows = []
     dense = {t: store.get(spec.key(DENSE, 1.0, t)) for t in spec.tasks}
-    grid = {round(float(v), 6) for v in spec.grid}  # cells of a --search in the same store stay out
-    for key, result in store.records(model=spec.model, rule=spec.rule, power=float(spec.power), limit=spec.limit):
+    grids = {site: {round(float(v), 6) for v in (spec.grid if values is None else values.get(site, []))}
+             for site in spec.sites}
+    for key, result in store.records(**spec.matches()):
         task, site = key["task"], key["site"]
-        if task not in spec.tasks or site not in spec.sites or dense.get(task) is None or key["value"] not in grid:
+        if task not in spec.tasks or site not in spec.sites or dense.get(task) is None:
+            continue
+        if key["value"] not in grids[site]:
             continue
         base = dense[task]
         metric = spec.metric_for(task)
@@ -94,12 +104,18 @@ def critical_table(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, thr
             item_scores = [[i[metric] for i in store.get(spec.key(site, v, task))["items"]] for v in rows.value]
             low, high = bootstrap_critical(rows.measured_sparsity.to_numpy(), item_scores, dense_items, threshold,
                                            iterations)
-            entry["tasks"][task] = {**crit.as_dict(), "interpolated_ci": [low, high], "points": len(rows)}
+            entry["tasks"][task] = {**crit.as_dict(), "interpolated_ci": [low, high], "points": len(rows),
+                                    "isotonic": _isotonic_reading(rows.measured_sparsity.to_numpy(), [item_scores],
+                                                                  [dense_items], threshold, iterations)}
         scoring_rows = site_rows[site_rows.task.isin(scoring)]
         if not scoring_rows.empty:
             average = scoring_rows.groupby("value", as_index=False)[["measured_sparsity", "normalized"]].mean()
             average_crit = critical_sparsity(average.measured_sparsity, average.normalized, threshold, average.value)
-            entry["task_average_curve"] = average_crit.as_dict()
+            entry["task_average_curve"] = {**average_crit.as_dict(),
+                                           **_task_average_isotonic(store, spec, site, site_rows, threshold,
+                                                                    iterations)}
+            if average_crit.grid_value is not None:
+                entry["mcnemar"] = _mcnemar_at(store, spec, site, average_crit.grid_value, scoring)
             per_task = [v["interpolated"] for v in entry["tasks"].values()]
             entry["mean_of_task_critical_interpolated"] = float(np.mean(per_task)) if per_task else None
         for task in PERPLEXITY_TASKS:
@@ -107,8 +123,72 @@ def critical_table(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, thr
             if not rows.empty:
                 crit = critical_sparsity(rows.measured_sparsity, 1.0 / rows.perplexity_ratio,
                                          1.0 / (1.0 + ppl_percent / 100.0), rows.value)
-                entry[f"ppl_{ppl_percent:g}pct_{task}"] = crit.as_dict()
+                entry[f"ppl_{ppl_percent:g}pct_{task}"] = {**crit.as_dict(), "isotonic": _perplexity_isotonic(
+                    store, spec, site, task, rows, 1.0 / (1.0 + ppl_percent / 100.0), iterations)}
         out.append(entry)
+    return out
+
+
+def _isotonic_reading(sparsity, sparse_items, dense_items, threshold: float, iterations: int) -> dict:
+    """Isotonic crossing of the (task-average) curve and its paired-bootstrap interval (items of
+    every task resampled together across points, the curve refitted on every resample)."""
+    normalized = task_average_curves(sparse_items, dense_items)
+    if np.isnan(normalized).any():
+        return {}
+    crossing, status = isotonic_crossing(sparsity, normalized, threshold)
+    indices = [bootstrap_indices(len(d), iterations, seed) for seed, d in enumerate(dense_items)]
+    low, high = isotonic_interval(sparsity, task_average_curves(sparse_items, dense_items, indices), threshold)
+    return {"crossing": crossing, "status": status, "interval": [low, high]}
+
+
+def _perplexity_isotonic(store: ResultStore, spec: SweepSpec, site: str, task: str, rows: pd.DataFrame,
+                         threshold: float, iterations: int) -> dict:
+    """The isotonic reading of the PPL-p% criterion, documents resampled in pairs."""
+    dense = store.get(spec.key(DENSE, 1.0, task))["items"]
+    dense_logliks, words = [i["loglikelihood"] for i in dense], [i["words"] for i in dense]
+    sparse = [[i["loglikelihood"] for i in store.get(spec.key(site, v, task))["items"]] for v in rows.value]
+    sparsity = rows.measured_sparsity.to_numpy()
+    crossing, status = isotonic_crossing(sparsity, perplexity_curves(sparse, dense_logliks, words), threshold)
+    indices = bootstrap_indices(len(dense), iterations)
+    low, high = isotonic_interval(sparsity, perplexity_curves(sparse, dense_logliks, words, indices), threshold)
+    return {"crossing": crossing, "status": status, "interval": [low, high]}
+
+
+def _task_average_isotonic(store: ResultStore, spec: SweepSpec, site: str, site_rows: pd.DataFrame,
+                           threshold: float, iterations: int) -> dict:
+    """The isotonic reading of the task-average curve, over the values every scoring task with a
+    non-zero dense score has (measured sparsity averaged over those tasks, as in the search)."""
+    rows = site_rows[~site_rows.task.isin(list(PERPLEXITY_TASKS)) & site_rows.normalized.notna()]
+    tasks = sorted(rows.task.unique())
+    values = sorted(set.intersection(*(set(rows[rows.task == t].value) for t in tasks))) if tasks else []
+    if not values:
+        return {}
+    sparse_items, dense_items = [], []
+    for task in tasks:
+        metric = spec.metric_for(task)
+        dense_items.append([i[metric] for i in store.get(spec.key(DENSE, 1.0, task))["items"]])
+        sparse_items.append([[i[metric] for i in store.get(spec.key(site, v, task))["items"]] for v in values])
+    sparsity = rows[rows.value.isin(values)].groupby("value").measured_sparsity.mean().loc[values].to_numpy()
+    return {"isotonic": _isotonic_reading(sparsity, sparse_items, dense_items, threshold, iterations)}
+
+
+def _mcnemar_at(store: ResultStore, spec: SweepSpec, site: str, value: float, scoring: list[str]) -> dict:
+    """Exact McNemar test of sparse vs dense correctness at one rule value, per multiple-choice
+    task and pooled over their items."""
+    out, pooled_sparse, pooled_dense = {"value": value, "tasks": {}}, [], []
+    for task in scoring:
+        result, dense = store.get(spec.key(site, value, task)), store.get(spec.key(DENSE, 1.0, task))
+        if result is None or dense is None:
+            continue
+        metric = spec.metric_for(task)
+        sparse_items, dense_items = [i[metric] for i in result["items"]], [i[metric] for i in dense["items"]]
+        if not set(sparse_items + dense_items) <= {0.0, 1.0}:
+            continue  # graded scores: no paired correctness
+        out["tasks"][task] = mcnemar_exact(sparse_items, dense_items)
+        pooled_sparse += sparse_items
+        pooled_dense += dense_items
+    if pooled_dense:
+        out["pooled"] = mcnemar_exact(pooled_sparse, pooled_dense)
     return out
 
 
@@ -150,7 +230,7 @@ def figures(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, critical: 
                              folder / "fidelity_gold_loglik", xlabel="measured sparsity",
                              ylabel="mean change of log p(gold) vs dense")
     layer_rows = []
-    for key, result in store.records(model=spec.model, rule=spec.rule, power=float(spec.power), limit=spec.limit):
+    for key, result in store.records(**spec.matches()):
         if key["site"] in spec.sites and key["task"] in spec.tasks:
             for layer, value in result["sparsity"][key["site"]]["per_layer"].items():
                 layer_rows.append({"site": key["site"], "value": key["value"], "layer": int(layer), "sparsity": value})
@@ -168,15 +248,21 @@ def figures(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, critical: 
 
 
 def write_report(store: ResultStore, spec: SweepSpec, output: Path, threshold: float = 0.99,
-                 ppl_percent: float = 1.0, iterations: int = 1000, extra: dict | None = None) -> dict:
-    """tidy.csv, critical.json (and the figures) from whatever cells are finished."""
-    frame = tidy_table(store, spec, iterations)
+                 ppl_percent: float = 1.0, iterations: int = 1000, extra: dict | None = None,
+                 values: dict[str, list[float]] | None = None) -> dict:
+    """tidy.csv, critical.json (and the figures) from whatever cells are finished; ``values``: the
+    rule values per site to report (``common.analysis.search.searched_values``), default the grid."""
+    frame = tidy_table(store, spec, iterations, values)
     if not frame.empty:
         write_csv(output / "tidy.csv", frame.to_dict("records"))
     critical = critical_table(store, spec, frame, threshold, ppl_percent, iterations) if not frame.empty else []
     summary = {"spec": spec.as_dict(), "threshold": threshold, "ppl_percent": ppl_percent,
                "readings": {"grid": "highest evaluated sparsity with normalized score >= threshold",
-                            "interpolated": "linear crossing between that point and the next sparser one"},
+                            "interpolated": "linear crossing between that point and the next sparser one",
+                            "isotonic": "crossing of the non-increasing least-squares fit through every point, "
+                                        "95% paired-bootstrap interval (items resampled, curve refitted)",
+                            "mcnemar": "exact McNemar test of sparse vs dense correctness on the same items at the "
+                                       "grid reading's rule value of the task-average curve"},
                "critical": critical, "overhead": overhead(frame), **(extra or {})}
     paths = figures(store, spec, frame, critical, output / "figures", threshold)
     summary["figures"] = [str(p.relative_to(output)) for p in paths if p.suffix == ".png"]

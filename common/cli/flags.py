@@ -140,10 +140,14 @@ def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int =
     parser.add_argument("--power", type=finite_float, default=1.0)
     parser.add_argument("--grid", type=finite_float, nargs="+", default=None,
                         help="rule values (default: the paper's grid)")
-    parser.add_argument("--search", action="store_true", help="bisect for the critical value instead of the grid")
-    parser.add_argument("--resolution", type=float, default=0.01, help="--search stops when the bracket is this narrow")
+    parser.add_argument("--search", action="store_true",
+                        help="noise-aware search for the critical sparsity instead of the grid (common.analysis.search)")
+    parser.add_argument("--resolution", type=float, default=0.05,
+                        help="--search stops when its 95%% interval (in measured sparsity) is this narrow")
+    parser.add_argument("--budget", type=int, default=8, help="--search: at most this many new rule values per site and criterion")
     parser.add_argument("--tasks", nargs="+", default=None,
-                        help="lm-eval task names; 'offline' (default) = the shipped suite, 'paper' = the paper's nine")
+                        help="lm-eval task names or suites: 'offline' or 'small' (default, 769 items), 'full' "
+                             "(10,492 items), 'paper' = the paper's nine")
     parser.add_argument("--metric", default=None,
                         help="score of every multiple-choice task (acc or acc_norm; default: each task's own)")
     parser.add_argument("--limit", type=non_negative_int, default=default_limit,
@@ -179,6 +183,10 @@ def sweep_settings(args, default_grid: list[float]):
         validate_rule(args.rule, value, args.power)
     if not 0 < args.threshold <= 1:
         raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if args.search:
+        from common.analysis.search import check_search_settings
+
+        check_search_settings(args.threshold, args.resolution, args.budget, getattr(args, "ppl_percent", 1.0))
     device = check_device(None if args.device == "auto" else args.device)
     dtype, why = choose_dtype(args.dtype, device)
     print(f"dtype {str(dtype).replace('torch.', '')} ({why}); device {args.device or device}")

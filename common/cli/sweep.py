@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.analysis.report import write_report
+from common.analysis.search import run_search, searched_values
 from common.evaluation.provenance import environment
 from common.evaluation.store import ResultStore, atomic_write_json
 from common.evaluation.sweep import SweepRunner, SweepSpec
-from common.evaluation.tasks import OFFLINE_SUITE, PERPLEXITY_TASK, task_manager
+from common.evaluation.tasks import is_offline_task, task_manager
 
 
 def open_store(output: Path, dtype, device, allow_mixed: bool = False, seed: int | None = None) -> ResultStore:
@@ -28,16 +29,15 @@ def run_sweep(args, lm, spec: SweepSpec, store: ResultStore, shard: tuple[int, i
     written by whichever shard finishes last, or by re-running any shard).
     """
     output = store.root
-    manager = task_manager(include_defaults=any(t not in OFFLINE_SUITE + [PERPLEXITY_TASK] for t in spec.tasks))
+    manager = task_manager(include_defaults=not all(is_offline_task(t) for t in spec.tasks))
     runner = SweepRunner(lm, spec, store, manager, shard)
     extra = dict(extra or {})
-    searched_values = None
+    values = None  # the grid's values for every site
     if args.search:
-        extra["search"] = runner.run_search(args.threshold, args.resolution, ppl_percent)
+        extra["search"] = run_search(runner, args.threshold, args.resolution, args.budget, ppl_percent,
+                                     args.bootstrap or 1000)
         atomic_write_json(output / "search.json", extra["search"])
-        searched_values = sorted({point["value"] for search in extra["search"]
-                                  for part in [search, *search.get("ppl", {}).values()]
-                                  for point in part["points"]}, reverse=True)
+        values = searched_values(extra["search"])  # the report reads exactly the evaluated values
     else:
         runner.run_grid()
         missing = runner.missing_cells()
@@ -47,10 +47,8 @@ def run_sweep(args, lm, spec: SweepSpec, store: ResultStore, shard: tuple[int, i
                   f"{', '.join(f'{k}/{shard[1]}' for k in shards)} are not finished yet: the tables and figures are "
                   "written when every shard has finished (re-run any shard then)")
             return None
-    if searched_values is not None:
-        spec.grid = searched_values  # the report reads exactly the evaluated values
     summary = write_report(store, spec, output, args.threshold, ppl_percent, args.bootstrap,
-                           {**extra, "store_commits": store.commits()})
+                           {**extra, "provenance": store.provenance, "store_commits": store.commits()}, values)
     print_summary(summary, ppl_percent)
     return summary
 
@@ -60,12 +58,23 @@ def print_summary(summary: dict, ppl_percent: float) -> None:
         curve = entry.get("task_average_curve", {})
         line = (f"{entry['site']:>12}: critical sparsity (task-average curve) grid={curve.get('grid', 0):.3f} "
                 f"interpolated={curve.get('interpolated', 0):.3f} [{curve.get('status')}]")
+        isotonic, mcnemar = curve.get("isotonic"), entry.get("mcnemar", {}).get("pooled")
+        if isotonic:
+            line += (f" isotonic={isotonic['crossing']:.3f} [{isotonic['interval'][0]:.3f}, "
+                     f"{isotonic['interval'][1]:.3f}]")
+        if mcnemar:
+            line += (f"; vs dense at p={entry['mcnemar']['value']:g}: McNemar p={mcnemar['p_value']:.3g} "
+                     f"({mcnemar['dense_only_correct']} items lost, {mcnemar['sparse_only_correct']} gained)")
         ppl = [v for k, v in entry.items() if k.startswith("ppl_")]
         if ppl:
             line += f"; PPL-{ppl_percent:g}% criterion grid={ppl[0]['grid']:.3f}"
         print(line)
     for search in summary.get("search", []):
-        ppl = "".join(f"; PPL-{ppl_percent:g}% on {task}: interpolated={found['critical']['interpolated']:.3f} "
-                      f"with {found['values_evaluated']} values" for task, found in search.get("ppl", {}).items())
-        print(f"{search['site']:>12}: search found interpolated={search['critical']['interpolated']:.3f} with "
-              f"{search['values_evaluated']} values{ppl} ({search['cells_evaluated']} new cells)")
+        found = [(f"{search['site']:>12}: search", search)]
+        found += [(f"{'':>12}  PPL-{ppl_percent:g}% on {task}", part) for task, part in search.get("ppl", {}).items()]
+        for label, part in found:
+            low, high = part["interval"]
+            print(f"{label}: crossing={part['crossing']:.3f} [{low:.3f}, {high:.3f}] ({part['status']}), "
+                  f"stopped: {part['stopped']} after {part['values_evaluated']} values "
+                  f"({', '.join(f'{v:g}' for v in part['order'])})")
+        print(f"{'':>12}  {search['cells_evaluated']} new cells")

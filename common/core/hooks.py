@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from common.core.recorder import SparsityRecorder
-from common.core.rules import keep_mask, validate_rule
+from common.core.rules import keep_mask, validate_rule, zero_outside
 from common.core.sites import site_module_names
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 spells it ``cache``
@@ -171,7 +171,7 @@ class Sparsifier(SiteHooks):
     def transform(self, layer: int, site: str, tensor: torch.Tensor) -> torch.Tensor:
         mask = keep_mask(tensor, self.rule, self.value, self.power)
         self.recorder.record(layer, site, tensor, mask)
-        return tensor.masked_fill(~mask, 0)
+        return zero_outside(tensor, mask)
 
 
 class ActivationCapture(SiteHooks):

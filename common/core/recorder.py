@@ -50,6 +50,7 @@ class SparsityRecorder:
         self._context: dict = {}
         self._call_valid: torch.Tensor | None = None
         self._explicit_valid: torch.Tensor | None = None
+        self._fixed_phase: tuple[str | None] | None = None
         self.enabled = True
 
     # ---- context -------------------------------------------------------------------------
@@ -74,6 +75,16 @@ class SparsityRecorder:
             self._explicit_valid = saved
 
     @contextmanager
+    def phase(self, phase: str | None) -> Iterator[None]:
+        """Key calls inside by ``phase`` (None: no phase) whatever cache they carry: a scoring pass
+        that continues a context's cache is not a generation step."""
+        saved, self._fixed_phase = self._fixed_phase, (phase,)
+        try:
+            yield
+        finally:
+            self._fixed_phase = saved
+
+    @contextmanager
     def paused(self) -> Iterator[None]:
         """Record nothing inside (e.g. a batch-size probe); masks are still applied."""
         saved, self.enabled = self.enabled, False
@@ -88,6 +99,8 @@ class SparsityRecorder:
             self._call_valid = attention_mask.bool()
         else:
             self._call_valid = None
+        if self._fixed_phase is not None:
+            phase = self._fixed_phase[0]
         if phase is None:
             self._context.pop("phase", None)
         else:
@@ -176,6 +189,36 @@ class SparsityRecorder:
         self.expert_kept.clear()
         self.expert_counted.clear()
         self.expert_routed.clear()
+
+    # ---- data parallel -------------------------------------------------------------------
+    def summed_over_ranks(self) -> "SparsityRecorder":
+        """A recorder with this one's counts summed over every ``torch.distributed`` rank, so a
+        data-parallel run reports what one process would on the same items; ``self`` when not
+        distributed. A collective: every rank must call it. Ranks may hold different keys (a
+        rank that never decoded has no decode rows), so counts travel as objects keyed like here."""
+        distributed = torch.distributed
+        if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
+            return self
+        local = {
+            "counts": {key: (int(self.kept[key]), int(self.counted[key]), self.forwards[key]) for key in self.kept},
+            "experts": {key: (self.expert_kept[key].tolist(), self.expert_counted[key].tolist(),
+                              self.expert_routed[key].tolist()) for key in self.expert_kept},
+        }
+        parts: list = [None] * distributed.get_world_size()
+        distributed.all_gather_object(parts, local)
+        total = SparsityRecorder()
+        for part in parts:
+            for key, (kept, counted, forwards) in part["counts"].items():
+                total.kept[key] = total.kept.get(key, 0) + kept
+                total.counted[key] = total.counted.get(key, 0) + counted
+                total.forwards[key] = total.forwards.get(key, 0) + forwards
+            for key, vectors in part["experts"].items():
+                kept, counted, routed = (torch.tensor(v, dtype=torch.long) for v in vectors)
+                if key in total.expert_kept:
+                    kept, counted, routed = (kept + total.expert_kept[key], counted + total.expert_counted[key],
+                                             routed + total.expert_routed[key])
+                total.expert_kept[key], total.expert_counted[key], total.expert_routed[key] = kept, counted, routed
+        return total
 
     def rows(self) -> list[dict]:
         """One dict per key: layer, site, context fields, kept, counted, sparsity, forwards."""

@@ -9,21 +9,25 @@ The semantics are the paper's released rule code, bit for bit (see the golden ve
 * ``topk``: ``k = int(D * p)`` (at least 1), keep ``|x| >=`` the k-th largest ``|x|``.
 
 ``topp`` runs on every token of every FFN layer, so besides the straightforward sort-based
-reference (``topp_threshold_reference``) there are two exact sort-free paths on CPU, where a
+reference (``topp_threshold_reference``) there are exact sort-free paths on CPU, where a
 sort costs more than the FFN layer itself:
 
 * 16-bit activations (bfloat16, float16: the usual inference dtypes): a radix select on the
   bit patterns (non-negative floats order like their integer bits), two histogram passes of
   float64 sums per row;
-* wide float32 rows: a bracketed search that sorts only a strided sample and the few entries
+* float32: the same two passes on the top 16 bits, then a sort of only the few entries in the
+  threshold's bucket;
+* wide float64 rows: a bracketed search that sorts only a strided sample and the few entries
   near the threshold.
 
-Both prove per row that their float64 sums, added in another order, cannot round to another
+All prove per row that their float64 sums, added in another order, cannot round to another
 decision than the sequential cumulative sum would; rows where that proof fails are
 recomputed with the full sort.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,14 +41,24 @@ _BRACKET_MIN_WIDTH = 1024
 _CHUNK_ELEMENTS = 1 << 20
 
 
+def _plain_number(value, name: str) -> float:
+    """A Python float from a number or a one-element tensor; a one-line error otherwise."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def validate_rule(rule: str, value: float, power: float = 1.0) -> None:
     """Raise a one-line ValueError for a rule, value or power the rules cannot apply."""
     if rule not in RULES:
         raise ValueError(f"unknown sparsification rule {rule!r}; choose one of {', '.join(RULES)}")
-    if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+    value, power = _plain_number(value, "rule value p"), _plain_number(power, "power q")
+    if not 0.0 <= value <= 1.0:  # also false for NaN
         raise ValueError(f"rule value p={value!r} is outside [0, 1]; give a threshold between 0 and 1")
-    if not isinstance(power, (int, float)) or float(power) < 1.0:
-        raise ValueError(f"power q={power!r} must be >= 1 (q=1 is plain top-p)")
+    if not (1.0 <= power < math.inf):
+        raise ValueError(f"power q={power!r} must be a finite number >= 1 (q=1 is plain top-p)")
     if power != 1.0 and rule != "topp":
         raise ValueError(f"power q={power} applies only to rule 'topp', not {rule!r}")
 
@@ -111,30 +125,42 @@ def _topp_threshold_bracketed(a: torch.Tensor, p: float) -> torch.Tensor:
     inside = (a >= low) & ~above
     a64 = a.double()
     total = a64.sum(dim=-1, keepdim=True)
-    sum_above = torch.where(above, a64, 0.0).sum(dim=-1, keepdim=True)
+    sum_above = (a64 * above).sum(dim=-1, keepdim=True)  # a product: torch.where is slow on CPU
 
     counts = inside.sum(dim=-1)
     width_inside = int(counts.max()) if n_rows else 0
     if width_inside == 0 or width_inside > width // 2:
         return topp_threshold_reference(a, p)
-    # Compact the bracket entries of each row into [N, width_inside], padded with zeros
-    # (zeros sort last and add nothing to the prefix sums).
+    return _threshold_among_candidates(a, p, inside, counts, sum_above, total)
+
+
+def _threshold_among_candidates(a: torch.Tensor, p: float, inside: torch.Tensor, counts: torch.Tensor,
+                                sum_above: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """The exact threshold of each row when it lies among the ``inside`` entries [N, D].
+
+    ``sum_above`` [N, 1] is the float64 sum of the entries above every inside entry, ``total``
+    the row's. The inside entries are compacted into [N, max count] (padded with zeros, which
+    sort last and add nothing), sorted, and the float64 prefix sum continued from ``sum_above``.
+    A row is accepted only if every position whose sum lies within the rounding margin of the
+    target carries the same value, so the decision provably matches the paper's sequential
+    float64 cumsum; other rows (and non-finite ones) are recomputed with the reference.
+    """
+    n_rows, width = a.shape
+    width_inside = max(int(counts.max()), 1)
     row, col = inside.nonzero(as_tuple=True)
-    row_start = counts.cumsum(0) - counts
-    slot = torch.arange(row.numel(), device=a.device) - row_start[row]
+    slot = torch.arange(row.numel(), device=a.device) - (counts.cumsum(0) - counts)[row]
     packed = torch.zeros(n_rows, width_inside, dtype=a.dtype, device=a.device)
     packed[row, slot] = a[row, col]
     packed = torch.sort(packed, dim=-1, descending=True).values
     cumulative = sum_above + packed.double().cumsum(dim=-1)
-
     target = p * total
     margin = 4.0 * width * _F64_UNIT * total
     j_lo = _first_index_at_least(cumulative, target - margin)
     j_hi = _first_index_at_least(cumulative, target + margin)
-    last_slot = (counts - 1).clamp_min(0).unsqueeze(-1)
     t_lo = packed.gather(-1, j_lo.clamp_max(width_inside - 1))
     t_hi = packed.gather(-1, j_hi.clamp_max(width_inside - 1))
-    ok = (sum_above < target - margin) & (j_hi <= last_slot) & (t_lo == t_hi)
+    last_slot = (counts - 1).clamp_min(0).unsqueeze(-1)
+    ok = (sum_above < target - margin) & (j_hi <= last_slot) & (t_lo == t_hi) & torch.isfinite(total)
     threshold = t_hi
     if not bool(ok.all()):
         bad = ~ok.squeeze(-1)
@@ -147,43 +173,53 @@ def _topp_threshold_bracketed(a: torch.Tensor, p: float) -> torch.Tensor:
 _RADIX_LEVELS = (8, 7)
 
 
-def _topp_threshold_radix(a: torch.Tensor, p: float) -> torch.Tensor:
-    """Exact top-p threshold per row of non-negative 16-bit ``a`` [N, D] (0 < p < 1), no sort.
+def _radix_select(keys: torch.Tensor, a64: torch.Tensor, p: float):
+    """Radix passes over 15-bit order keys [N, D] (int32, monotone in the values ``a64``).
 
-    Non-negative floats order like their bit patterns, and the threshold is the largest value
-    ``v`` whose sum of entries ``>= v`` reaches ``p * total``. Each pass sums the entries per
-    bucket of the next bits of the pattern (float64 ``bincount``), picks the highest bucket
-    where the running sum reaches the target, and narrows the prefix; two passes resolve all
-    15 bits. A row is accepted only if the sums of entries ``> v`` and ``>= v`` lie outside the
-    rounding margin of the target (so the sequential float64 cumsum decides the same); other
-    rows (and non-finite ones) are recomputed with the reference.
+    Each pass sums the entries per bucket of the next bits of the key (float64 ``bincount``;
+    entries outside the prefix chosen so far land in a bucket below or above it, never read),
+    picks the highest bucket where the running sum of entries ``>=`` it reaches ``p * total``,
+    and narrows the prefix. Returns the key prefix of the threshold [N, 1], the sums of the
+    entries above it and in it, and the row totals.
     """
-    n_rows, width = a.shape
-    keys = a.view(torch.int16)
-    a64 = a.double()
-    total = a64.sum(dim=-1, keepdim=True)
-    target = p * total
-    row_offset = torch.arange(n_rows, device=a.device, dtype=torch.int32).unsqueeze(-1)
-    sum_above = torch.zeros_like(total)
-    prefix = None
+    n_rows = keys.shape[0]
+    row = torch.arange(n_rows, device=keys.device, dtype=torch.int32).unsqueeze(-1)
+    prefix = torch.zeros_like(row)
+    total = target = sum_above = bucket_sum = None
     shift = sum(_RADIX_LEVELS)
     for bits in _RADIX_LEVELS:
         shift -= bits
         n_buckets = 1 << bits
-        if prefix is None:
-            bucket = (keys >> shift).to(torch.int32)
-        else:  # entries outside the chosen prefix go to an extra bucket that is never read
-            low = ((keys >> shift) & (n_buckets - 1)).to(torch.int32)
-            bucket = torch.where((keys >> (shift + bits)) == prefix, low, n_buckets)
-        sums = torch.bincount((bucket + row_offset * (n_buckets + 1)).reshape(-1), weights=a64.reshape(-1),
-                              minlength=n_rows * (n_buckets + 1)).view(n_rows, n_buckets + 1)[:, :n_buckets]
+        first = row * (n_buckets + 2)  # this row's bins: below, the n_buckets under the prefix, above
+        index = ((keys >> shift) + (first + 1 - (prefix << bits))).clamp_(first, first + n_buckets + 1)
+        sums = torch.bincount(index.reshape(-1), weights=a64.reshape(-1),
+                              minlength=n_rows * (n_buckets + 2)).view(n_rows, n_buckets + 2)
+        if total is None:
+            total = sums.sum(dim=-1, keepdim=True)
+            target, sum_above = p * total, torch.zeros_like(total)
+        sums = sums[:, 1:n_buckets + 1]
         at_least = sums.flip(-1).cumsum(-1).flip(-1) + sum_above  # sum of entries in buckets >= b
         chosen = ((at_least >= target).sum(dim=-1, keepdim=True) - 1).clamp_min(0)  # at_least is non-increasing
         bucket_sum = sums.gather(-1, chosen)
         sum_above = at_least.gather(-1, chosen) - bucket_sum
-        chosen = chosen.to(torch.int16)
-        prefix = chosen if prefix is None else (prefix << bits) | chosen
-    threshold = prefix.view(a.dtype)
+        prefix = (prefix << bits) | chosen.to(torch.int32)
+    return prefix, sum_above, bucket_sum, total
+
+
+def _topp_threshold_radix(a: torch.Tensor, p: float) -> torch.Tensor:
+    """Exact top-p threshold per row of non-negative 16-bit ``a`` [N, D] (0 < p < 1), no sort.
+
+    Non-negative floats order like their bit patterns, and the threshold is the largest value
+    ``v`` whose sum of entries ``>= v`` reaches ``p * total``; two radix passes
+    (``_radix_select``) resolve all 15 bits. A row is accepted only if the sums of entries
+    ``> v`` and ``>= v`` lie outside the rounding margin of the target (so the sequential
+    float64 cumsum decides the same); other rows (and non-finite ones) are recomputed with the
+    reference.
+    """
+    width = a.shape[-1]
+    prefix, sum_above, bucket_sum, total = _radix_select(a.view(torch.int16).to(torch.int32), a.double(), p)
+    threshold = prefix.to(torch.int16).view(a.dtype)
+    target = p * total
     margin = 4.0 * width * _F64_UNIT * total
     ok = (sum_above < target - margin) & (sum_above + bucket_sum >= target + margin) & torch.isfinite(total)
     zero_rows = total == 0  # the reference keeps everything: threshold 0
@@ -195,6 +231,22 @@ def _topp_threshold_radix(a: torch.Tensor, p: float) -> torch.Tensor:
         threshold = threshold.clone()
         threshold[bad] = topp_threshold_reference(a[bad], p)
     return threshold
+
+
+def _topp_threshold_radix32(a: torch.Tensor, p: float) -> torch.Tensor:
+    """Exact top-p threshold per row of non-negative float32 ``a`` [N, D] (0 < p < 1), no full sort.
+
+    The top 16 bits of a non-negative float32 (its bfloat16 truncation) order the values in
+    buckets of about 0.8%; two radix passes on them (``_radix_select``) find the bucket of the
+    threshold and the sum of the entries above it. Only that bucket's few entries are sorted,
+    continuing the float64 prefix sum; a row is accepted only if every position whose sum lies
+    within the rounding margin of the target carries the same value (as in the bracketed
+    search), other rows are recomputed with the reference.
+    """
+    high = a.view(torch.int32) >> 16
+    prefix, sum_above, _, total = _radix_select(high, a.double(), p)
+    inside = high == prefix
+    return _threshold_among_candidates(a, p, inside, inside.sum(dim=-1), sum_above, total)
 
 
 def _topp_threshold_full(a: torch.Tensor) -> torch.Tensor:
@@ -235,6 +287,8 @@ def topp_threshold(a: torch.Tensor, p: float) -> torch.Tensor:
     if a.device.type == "cpu" and a.shape[0] > 0:
         if a.dtype in (torch.bfloat16, torch.float16):
             return _in_row_chunks(_topp_threshold_radix, a, p)
+        if a.dtype == torch.float32:
+            return _in_row_chunks(_topp_threshold_radix32, a, p)
         if a.shape[-1] >= _BRACKET_MIN_WIDTH:
             return _in_row_chunks(_topp_threshold_bracketed, a, p)
     return topp_threshold_reference(a, p)
@@ -261,6 +315,19 @@ def keep_mask(x: torch.Tensor, rule: str = "topp", value: float = 1.0, power: fl
     return mask.reshape(shape)
 
 
+def zero_outside(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x.masked_fill(~mask, 0)``, computed on CPU as ``x * mask``: masked_fill (and torch.where)
+    with a boolean mask is some 20x slower there than a product. The two agree up to the sign of
+    zeros (``-x * 0 = -0.0``, equal to 0.0) unless ``x`` has NaN or infinite entries, where the
+    product would give NaN: such tensors take masked_fill."""
+    if x.device.type != "cpu":
+        return x.masked_fill(~mask, 0)
+    out = x * mask.to(x.dtype)
+    if not bool(torch.isfinite(out.sum(dtype=torch.float64))):
+        return x.masked_fill(~mask, 0)
+    return out
+
+
 def sparsify(x: torch.Tensor, rule: str = "topp", value: float = 1.0, power: float = 1.0) -> torch.Tensor:
     """``x`` with the entries outside the rule's keep-mask set to zero (same dtype and device)."""
-    return x.masked_fill(~keep_mask(x, rule, value, power), 0)
+    return zero_outside(x, keep_mask(x, rule, value, power))

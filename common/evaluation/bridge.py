@@ -2,9 +2,15 @@
 
 Registered as ``sparse-hf``. Model arguments: ``sites`` (``+``-separated, e.g.
 ``input+intermediate``), ``rule``, ``value``, ``power``, ``layers`` (``+``-separated indices,
-default all) and ``stats_file`` (a JSON written after each request type with the measured
-sparsity). Hooks are installed only around ``_model_call`` / ``_model_generate``, in the style
-of lm-eval's own ``SteeredModel``.
+default all), ``stats_file`` (a JSON written after each request type with the measured
+sparsity) and ``shared_context`` (default true). Hooks are installed only around the model calls,
+in the style of lm-eval's own ``SteeredModel``.
+
+Shared-context scoring (``common.evaluation.shared_context``): log-likelihood requests of a causal
+model are grouped by context; each context runs once and its choices continue its cache. Same
+log-likelihoods as lm-eval's per-request path, but each real context token is counted once per
+context instead of once per choice. ``shared_context=False``, rolling perplexity, generation,
+seq2seq models and contexts that need truncation take lm-eval's own path, described next.
 
 Real tokens only. lm-eval right-pads loglikelihood batches with id 0 and passes no attention
 mask, so counts from a ``_model_call`` are held per token and committed row by row when
@@ -12,20 +18,59 @@ lm-eval slices each row to its real length (``_select_cont_toks`` receives that 
 Calls that are never sliced, such as the automatic batch-size probe, are discarded.
 Generation passes an attention mask, which the hooks read directly; prefill and decode
 statistics are kept apart.
+
+Data parallel (``accelerate launch ... --model sparse-hf`` on several GPUs): the statistics are
+summed over all ranks, and the requests lm-eval repeats to pad a rank's share are scored and
+counted once, so the numbers equal a single-process run on the same items.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from functools import partial
+
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
 
 from common.core.hooks import Sparsifier
 from common.core.recorder import SparsityRecorder
 from common.core.rules import validate_rule
 from common.core.sites import detect_architecture, expand_sites, resolve_layers
 from common.core.stats import summarize
+from common.evaluation.plugins import PerTokenCounts, backend_for, register_backend
+from common.evaluation.shared_context import SharedContextScorer, chunk_groups, group_by_context
 from common.evaluation.store import atomic_write_json
+
+
+def parse_bool(value) -> bool:
+    """A model-argument flag: a bool, or 'true'/'false' (any case), '1'/'0'."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def once_per_request(run, requests, disable_tqdm: bool):
+    """Run ``run`` on each distinct request object once; results in the order of ``requests``.
+
+    lm-eval pads a data-parallel rank's share with repeats of its last request object; scoring
+    them once keeps the statistics equal to a single-process run (log-likelihoods are
+    deterministic, so the repeats get the same answer)."""
+    position: dict[int, int] = {}
+    unique, index = [], []
+    for request in requests:
+        if id(request) not in position:
+            position[id(request)] = len(unique)
+            unique.append(request)
+        index.append(position[id(request)])
+    results = run(unique, disable_tqdm=disable_tqdm)
+    return [results[i] for i in index]
 
 
 def split_arg(value) -> list:
@@ -36,8 +81,9 @@ def split_arg(value) -> list:
     return [v for v in str(value).replace(",", "+").split("+") if v]
 
 
-class _PerTokenKept:
-    """Observer holding the kept count of every token of the last call, until rows are committed."""
+class PerTokenKept:
+    """Dense per-token counts: an observer holding the kept count of every token of the last
+    call, until rows are committed."""
 
     def __init__(self):
         self.kept: dict[tuple[int, str], torch.Tensor] = {}
@@ -53,33 +99,19 @@ class _PerTokenKept:
             recorder.add_counts(layer, site, kept[row, :length].sum(), length * self.width[(layer, site)], {})
 
 
-class _PerTokenExpertKept:
-    """MoE variant: kept counts per routed (token, slot) and the slot's expert, per layer and site."""
+class DenseBackend:
+    """Dense GLU models (and LLaDA): the site-table ``Sparsifier``."""
 
-    def __init__(self, sequence_length: int, num_experts: int):
-        self.length, self.num_experts = sequence_length, num_experts
-        self.calls: dict[tuple[int, str], list] = {}
+    def sparsifier(self, model, sites, rule, value, power, layers, recorder, per_token=None):
+        if per_token is not None:
+            recorder.observers.append(per_token)
+        return Sparsifier(model, sites, rule, value, power, layers, recorder)
 
-    def __call__(self, layer, site, kept_slots, selected, top_k_index, width) -> None:
-        if selected is None:
-            selected = torch.ones_like(top_k_index, dtype=torch.bool)
-        entry = self.calls.get((layer, site))
-        if entry is None:  # eager reports one expert at a time: accumulate the slots
-            self.calls[(layer, site)] = [kept_slots * selected, selected.clone(), top_k_index, width]
-        else:
-            entry[0] = entry[0] + kept_slots * selected
-            entry[1] = entry[1] | selected
+    def per_token_counts(self, model, sequence_length: int) -> PerTokenKept:
+        return PerTokenKept()
 
-    def commit_row(self, row: int, length: int, recorder: SparsityRecorder) -> None:
-        start = row * self.length
-        for (layer, site), (kept, selected, top_k_index, width) in self.calls.items():
-            span = slice(start, start + length)
-            experts = top_k_index[span].reshape(-1)
-            weight = selected[span].reshape(-1).long()
-            zeros = torch.zeros(self.num_experts, dtype=torch.long, device=experts.device)
-            routed = zeros.index_add(0, experts, weight)
-            recorder.add_expert_counts(layer, site, zeros.index_add(0, experts, kept[span].reshape(-1).long() * weight),
-                                       routed * width, routed, {})
+
+register_backend("dense", DenseBackend())
 
 
 class SparsificationSettings:
@@ -108,8 +140,18 @@ class SparsificationSettings:
         self.recorder.reset()
 
     def sparsity_statistics(self) -> dict:
-        """Measured sparsity (real tokens) per site: per layer, mean over layers, element-weighted."""
-        rows = self.recorder.rows()
+        """Measured sparsity (real tokens) per site: per layer, mean over layers, element-weighted.
+
+        When lm-eval splits the requests over ranks (``world_size > 1``: ``accelerate launch`` on
+        several GPUs) the counts are summed over the ranks; a collective, which every rank reaches
+        after each request type. (On CPU, lm-eval runs every request on every process: no sum.)
+        """
+        if getattr(self, "world_size", 1) > 1:
+            return self._statistics(self.recorder.summed_over_ranks())
+        return self._statistics(self.recorder)
+
+    def _statistics(self, recorder: SparsityRecorder) -> dict:
+        rows = recorder.rows()
         out = {"sites": self.sites, "rule": self.rule, "value": self.value, "power": self.power,
                "layers": self.layers, "summary": summarize(rows)}
         for phase in sorted({row.get("phase") for row in rows} - {None}):
@@ -118,7 +160,9 @@ class SparsificationSettings:
 
     def _write_stats(self) -> None:
         if self.stats_file:
-            atomic_write_json(self.stats_file, self.sparsity_statistics())
+            statistics = self.sparsity_statistics()
+            if getattr(self, "rank", 0) == 0:
+                atomic_write_json(self.stats_file, statistics)
 
 
 @register_model("sparse-hf")
@@ -126,16 +170,19 @@ class SparseHFLM(SparsificationSettings, HFLM):
     """HFLM with per-token FFN sparsification; ``sites=None`` evaluates the dense model."""
 
     def __init__(self, pretrained, sites=None, rule: str = "topp", value: float = 1.0, power: float = 1.0,
-                 layers=None, stats_file: str | None = None, **kwargs):
-        super().__init__(pretrained=pretrained, **kwargs)
-        self.is_moe = detect_architecture(self.model).is_moe
-        if self.is_moe:
-            from moe_sparsity.experts import experts_modules
+                 layers=None, stats_file: str | None = None, shared_context=True, **kwargs):
+        from common.models.loading import resolve_model_path  # aliases; one line, not hub retries, offline
 
-            self.num_experts = next(iter(experts_modules(self.model).values())).num_experts
+        pretrained = resolve_model_path(pretrained) if isinstance(pretrained, str) else pretrained
+        if isinstance(kwargs.get("tokenizer"), str):
+            kwargs["tokenizer"] = resolve_model_path(kwargs["tokenizer"])
+        super().__init__(pretrained=pretrained, **kwargs)
+        self.shared_context = parse_bool(shared_context)
+        self.is_moe = detect_architecture(self.model).is_moe
+        self.sparsification_backend = backend_for("fused_experts" if self.is_moe else "dense")
         self.recorder = SparsityRecorder()
         self.stats_file = stats_file
-        self._pending: _PerTokenKept | None = None
+        self._pending: PerTokenCounts | None = None
         self._pending_row = 0
         self.set_sparsification(sites, rule, value, power, layers)
 
@@ -143,24 +190,13 @@ class SparseHFLM(SparsificationSettings, HFLM):
         super().reset_statistics()
         self._pending = None
 
-    def _sparsifier(self, recorder: SparsityRecorder, per_token_sink=None):
-        if self.is_moe:
-            from moe_sparsity.experts import ExpertSparsifier
-
-            return ExpertSparsifier(self.model, self.sites, self.rule, self.value, self.power, self.layers,
-                                    recorder, per_token_sink)
-        return Sparsifier(self.model, self.sites, self.rule, self.value, self.power, self.layers, recorder)
-
     # ---- model calls ---------------------------------------------------------------------------
     def _model_call(self, inps, attn_mask=None, labels=None):
         if not self.sites:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-        if self.is_moe:
-            per_token = _PerTokenExpertKept(inps.shape[1], self.num_experts)
-            sparsifier = self._sparsifier(SparsityRecorder(), per_token_sink=per_token)
-        else:
-            per_token = _PerTokenKept()
-            sparsifier = self._sparsifier(SparsityRecorder([per_token]))
+        per_token = self.sparsification_backend.per_token_counts(self.model, inps.shape[1])
+        sparsifier = self.sparsification_backend.sparsifier(self.model, self.sites, self.rule, self.value, self.power,
+                                                            self.layers, SparsityRecorder(), per_token)
         with sparsifier:
             logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         self._pending, self._pending_row = per_token, 0
@@ -175,7 +211,8 @@ class SparseHFLM(SparsificationSettings, HFLM):
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         if not self.sites:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        with self._sparsifier(self.recorder):
+        with self.sparsification_backend.sparsifier(self.model, self.sites, self.rule, self.value, self.power,
+                                                    self.layers, self.recorder):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     # ---- request types: write statistics after each -----------------------------------------
@@ -188,18 +225,68 @@ class SparseHFLM(SparsificationSettings, HFLM):
             self._write_stats()
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        return self._then_write_stats(super().loglikelihood, requests, disable_tqdm)
+        return self._then_write_stats(partial(once_per_request, super().loglikelihood), requests, disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        return self._then_write_stats(super().loglikelihood_rolling, requests, disable_tqdm)
+        return self._then_write_stats(partial(once_per_request, super().loglikelihood_rolling), requests,
+                                      disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         return self._then_write_stats(super().generate_until, requests, disable_tqdm)
 
-    def sparsity_statistics(self) -> dict:
-        out = super().sparsity_statistics()
+    # ---- shared-context scoring ------------------------------------------------------------
+    @property
+    def _sliding_window(self) -> int | None:
+        return getattr(self.model.config.get_text_config(), "sliding_window", None)
+
+    def _shareable(self, request) -> bool:
+        """A loglikelihood request (rolling windows have no key) that needs no truncation and fits
+        the sliding window, if any, so that padded batches never evict cache entries."""
+        key, context, continuation = request
+        span = len(context) + len(continuation)
+        window = self._sliding_window
+        return key is not None and span <= self.max_length + 1 and (window is None or span <= window)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """Shared-context scoring of the shareable requests; lm-eval's path for the rest."""
+        shared = [i for i, request in enumerate(requests) if self._shareable(request)] \
+            if self.shared_context and self.backend == "causal" else []
+        if not shared:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        results: list = [None] * len(requests)
+        rest = sorted(set(range(len(requests))) - set(shared))
+        if rest:
+            scored = super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=True,
+                                                   override_bs=override_bs)
+            for i, answer in zip(rest, scored):
+                results[i] = answer
+        requests_shared = [requests[i] for i in shared]
+        groups = group_by_context(requests_shared)
+        batch_size = override_bs or self.batch_size
+        if batch_size == "auto":  # lm-eval's probe, on the longest request
+            longest = (None, groups[0].context, max(groups[0].continuations, key=len))
+            batch_size = self._detect_batch_size([longest], 0)
+        scorer = SharedContextScorer(self.model, self.device, self.softmax_dtype, self.mixed_precision_dtype,
+                                     self.recorder)
+        hooks = self.sparsification_backend.sparsifier(self.model, self.sites, self.rule, self.value, self.power,
+                                                       self.layers, self.recorder) if self.sites else nullcontext()
+        progress = tqdm(total=len(requests_shared), disable=disable_tqdm or self.rank != 0,
+                        desc="Running loglikelihood requests (shared contexts)")
+        with hooks:
+            for chunk in chunk_groups(groups, int(batch_size), self._sliding_window):
+                for group, answers in zip(chunk, scorer.score(chunk)):
+                    for member, answer in zip(group.members, answers):
+                        results[shared[member]] = answer
+                        key = requests_shared[member][0]
+                        self.cache_hook.add_partial("loglikelihood", key, answer)
+                    progress.update(len(group.members))
+        progress.close()
+        return results
+
+    def _statistics(self, recorder: SparsityRecorder) -> dict:
+        out = super()._statistics(recorder)
         if self.is_moe:
-            expert_rows = self.recorder.expert_rows()
+            expert_rows = recorder.expert_rows()
             out["experts"] = expert_rows
             out["summary"] = summarize(expert_rows)
         return out

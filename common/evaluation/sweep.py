@@ -4,26 +4,27 @@ The dense baseline is one cell per task (site "dense"), evaluated once and reuse
 keeps lm-eval's metrics, per-item scores and answer log-likelihoods (for paired bootstrap
 intervals and the continuous fidelity measures) and the measured sparsity per layer. Cells are
 written atomically, so an interrupted sweep resumes where it stopped and ``--shard K/N``
-processes can share one store. ``search_site`` finds a site's critical point by bisection on
-the rule value instead of the full grid.
+processes can share one store. The noise-aware search for a site's critical point instead of
+the full grid (in the analysis layer) evaluates its cells through ``SweepRunner.cell``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
-from common.analysis.critical import PAPER_DENSE_GRID, critical_sparsity
 from common.core.sites import expand_sites
 from common.evaluation.store import ResultStore, in_shard
 from common.evaluation.tasks import PERPLEXITY_TASKS, primary_metric
 
 DENSE = "dense"
+PAPER_DENSE_GRID = [1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90, 0.85,
+                    0.80, 0.75, 0.70, 0.65, 0.60, 0.50, 0.40, 0.30, 0.20, 0.10, 0.0]  # rule values (top-p p)
+PAPER_MOE_GRID = [1.0, 0.99, 0.98, 0.97, 0.95, 0.92, 0.90, 0.75, 0.50]
 
 
 @dataclass
@@ -39,12 +40,20 @@ class SweepSpec:
     limit: int | None = None
     layers: list[int] | None = None
     metric: str | None = None  # None: each task's primary metric (common.evaluation.tasks.PRIMARY_METRIC)
+    dtype: str = "float32"  # part of every key: one store never mixes precisions
+    device_type: str = "cpu"
 
     def key(self, site: str, value: float, task: str) -> dict:
         dense = site == DENSE
         return {"model": self.model, "site": site, "rule": "none" if dense else self.rule,
                 "power": 1.0 if dense else float(self.power), "value": 1.0 if dense else round(float(value), 6),
-                "task": task, "limit": self.limit, "layers": None if dense else self.layers}
+                "task": task, "limit": self.limit, "layers": None if dense else self.layers,
+                "dtype": self.dtype, "device_type": self.device_type}
+
+    def matches(self) -> dict:
+        """The key fields shared by every cell of this sweep (to select them in a store)."""
+        return {"model": self.model, "rule": self.rule, "power": float(self.power), "limit": self.limit,
+                "dtype": self.dtype, "device_type": self.device_type}
 
     def metric_for(self, task: str) -> str:
         if task in PERPLEXITY_TASKS or self.metric is None:
@@ -121,10 +130,21 @@ class SweepRunner:
         return result
 
     # ---- grid ----------------------------------------------------------------------------------
-    def grid_cells(self) -> list[tuple[str, float, str]]:
+    def grid_cells(self, shard: tuple[int, int] | None = None) -> list[tuple[str, float, str]]:
+        """The grid's cells that belong to ``shard`` (default: this runner's shard)."""
         cells = [(DENSE, 1.0, task) for task in self.spec.tasks]
         cells += [(site, value, task) for site in self.spec.sites for value in self.spec.grid for task in self.spec.tasks]
-        return [c for c in cells if in_shard(self.spec.key(*c), self.shard)]
+        return [c for c in cells if in_shard(self.spec.key(*c), shard or self.shard)]
+
+    def missing_cells(self) -> dict[int, int]:
+        """Shard index -> number of grid cells not in the store yet (all shards)."""
+        missing: dict[int, int] = {}
+        for cell in self.grid_cells(shard=(0, 1)):
+            key = self.spec.key(*cell)
+            if not self.store.has(key):
+                index = next(i for i in range(self.shard[1]) if in_shard(key, (i, self.shard[1])))
+                missing[index] = missing.get(index, 0) + 1
+        return missing
 
     def run_grid(self) -> None:
         cells = self.grid_cells()
@@ -133,109 +153,6 @@ class SweepRunner:
             print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already in {self.store.root}")
         for site, value, task in tqdm(todo, desc="cells", unit="cell", disable=not self.verbose):
             self.cell(site, value, task)
-
-    # ---- search --------------------------------------------------------------------------------
-    def scoring_tasks(self) -> list[str]:
-        return [t for t in self.spec.tasks if t not in PERPLEXITY_TASKS]
-
-    def mean_normalized(self, site: str, value: float) -> tuple[float, float]:
-        """(mean measured sparsity, mean normalized score) over the scoring tasks at one value.
-
-        Tasks whose dense score is 0 have no normalized score and are left out (as in the
-        task-average curve of the tables); if every task is, the search cannot run.
-        """
-        sparsities, normalized = [], []
-        for task in self.spec.tasks:
-            result = self.cell(site, value, task)
-            if task in PERPLEXITY_TASKS:
-                continue
-            metric = self.spec.metric_for(task)
-            dense = self.cell(DENSE, 1.0, task)["metrics"][metric]
-            if dense:
-                normalized.append(result["metrics"][metric] / dense)
-                sparsities.append(measured_sparsity(result, site))
-        if not normalized:
-            raise ValueError(f"the dense model scores 0 on every scoring task ({', '.join(self.scoring_tasks())}), so "
-                             "normalized scores are undefined; use more items (--limit) or other tasks")
-        return float(np.mean(sparsities)), float(np.mean(normalized))
-
-    def perplexity_ratio(self, site: str, value: float, task: str) -> tuple[float, float]:
-        """(measured sparsity, dense perplexity / sparse perplexity) of a perplexity task at one value."""
-        result = self.cell(site, value, task)
-        dense = self.cell(DENSE, 1.0, task)
-        return measured_sparsity(result, site), perplexity(dense["items"]) / perplexity(result["items"])
-
-    def run_search(self, threshold: float = 0.99, resolution: float = 0.01, ppl_percent: float = 1.0) -> list[dict]:
-        """Bisect every site of this shard (sites are split across shards, cells are not).
-
-        Afterwards the spec's grid is the set of values the searches evaluated, so the tidy
-        table, the per-task critical sparsity and the figures use exactly the measured points.
-        """
-        sites = [site for index, site in enumerate(self.spec.sites) if index % self.shard[1] == self.shard[0]]
-        searches = [self.search_site(site, threshold, resolution, ppl_percent) for site in sites]
-        values = {point["value"] for search in searches
-                  for part in [search, *search["ppl"].values()] for point in part["points"]}
-        self.spec.grid = sorted(values, reverse=True)
-        return searches
-
-    def search_site(self, site: str, threshold: float = 0.99, resolution: float = 0.01,
-                    ppl_percent: float = 1.0) -> dict:
-        """Bisection on the rule value for the lowest value (highest sparsity) keeping >= threshold
-        of the task-average normalized score; then, per perplexity task, a second bisection for
-        the PPL-p% criterion (reusing the perplexity cells the first one evaluated).
-
-        Assumes the score falls roughly monotonically as the value drops; reports the number of
-        new evaluations and the bracketing points.
-        """
-        before = self.evaluations
-        out = {"site": site, **self._bisect(site, lambda v: self.mean_normalized(site, v), threshold, resolution,
-                                            "search"), "resolution": resolution, "ppl": {}}
-        searched = [point["value"] for point in out["points"]]  # their perplexity cells exist already
-        for task in [t for t in self.spec.tasks if t in PERPLEXITY_TASKS]:
-            out["ppl"][task] = self._bisect(site, lambda v: self.perplexity_ratio(site, v, task),
-                                            1.0 / (1.0 + ppl_percent / 100.0), resolution, f"PPL-{ppl_percent:g}%",
-                                            known=searched)
-        out["cells_evaluated"] = self.evaluations - before
-        return out
-
-    def _bisect(self, site: str, evaluate, threshold: float, resolution: float, label: str, known=()) -> dict:
-        """Bracket [lo, hi] of rule values around the threshold crossing of ``evaluate(value)``,
-        which returns (measured sparsity, normalized score); 1.0 is dense. ``known`` values are
-        evaluated first (cheap when their cells exist) and count in the critical sparsity."""
-        points = {}
-        # at most: the known values, both ends, then one value per halving of the bracket
-        most = len(known) + 2 + max(0, math.ceil(math.log2(1.0 / max(resolution, 1e-6))))
-        progress = tqdm(total=most, desc=f"{label} {site}", unit="value", disable=not self.verbose)
-
-        def f(value):
-            value = round(value, 6)
-            if value not in points:
-                points[value] = evaluate(value)
-                progress.update(1)
-                progress.set_postfix(p=value, normalized=f"{points[value][1]:.3f}")
-            return points[value]
-
-        for value in known:
-            f(value)
-        hi, lo = 1.0, 0.0
-        if f(hi)[1] < threshold:
-            status = "never_reached"
-        elif f(lo)[1] >= threshold:
-            status = "all_above"
-        else:
-            status = "crossed"
-            while hi - lo > resolution + 1e-12:
-                mid = (hi + lo) / 2
-                if f(mid)[1] >= threshold:
-                    hi = mid
-                else:
-                    lo = mid
-        progress.close()
-        values = sorted(points)
-        curve = [points[v] for v in values]
-        result = critical_sparsity([c[0] for c in curve], [c[1] for c in curve], threshold, values)
-        return {"critical": result.as_dict(), "status": status, "bracket": [lo, hi], "values_evaluated": len(values),
-                "points": [{"value": v, "sparsity": points[v][0], "normalized": points[v][1]} for v in values]}
 
 
 def perplexity(items: list[dict]) -> float:

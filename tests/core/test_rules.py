@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.core.rules import _topp_threshold_bracketed, _topp_threshold_radix, keep_mask, magnitudes, sparsify, topp_threshold_reference
+from common.core.rules import _topp_threshold_bracketed, _topp_threshold_radix, _topp_threshold_radix32, keep_mask, magnitudes, sparsify, topp_threshold_reference
 
 
 def _golden_cases(golden_dir):
@@ -58,6 +58,38 @@ def test_golden_masks_through_the_radix_path(golden_dir):
     assert checked >= 20
 
 
+def test_golden_masks_through_the_float32_radix_path(golden_dir):
+    """Golden float32 top-p rows through the float32 radix select, called directly."""
+    tensors, cases = _golden_cases(golden_dir)
+    checked = 0
+    for case in cases:
+        if case["rule"] != "topp" or not 0 < case["value"] < 1 or case["dtype"] != "float32":
+            continue
+        x = tensors[case["input"]].float()
+        a = magnitudes(x.reshape(-1, x.shape[-1]), case["power"])
+        mask = (a >= _topp_threshold_radix32(a, case["value"])).reshape(x.shape)
+        assert torch.equal(mask, tensors[case["key"]].bool()), case["key"]
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("threshold_fn, dtype", [(_topp_threshold_radix32, torch.float32),
+                                                 (_topp_threshold_radix, torch.bfloat16)])
+def test_radix_paths_decide_typical_rows_without_the_full_sort(threshold_fn, dtype, monkeypatch):
+    """The fallback to the full sort must stay rare: on SwiGLU-like rows it is never needed."""
+    import common.core.rules as rules
+
+    a = magnitudes((torch.randn(256, 1536) * torch.randn(256, 1536).exp()).to(dtype))
+    expected = {p: a >= topp_threshold_reference(a, p) for p in (0.3, 0.9, 0.99)}
+
+    def no_fallback(*args):
+        raise AssertionError("a typical row fell back to the full sort")
+
+    monkeypatch.setattr(rules, "topp_threshold_reference", no_fallback)
+    for p, mask in expected.items():
+        assert torch.equal(a >= threshold_fn(a, p), mask), p
+
+
 def _hard_rows(width: int, dtype: torch.dtype) -> torch.Tensor:
     """SwiGLU-like heavy-tailed rows plus the rows that break naive fast paths."""
     x = (torch.randn(96, width) * torch.randn(96, width).exp()).to(dtype)
@@ -74,6 +106,7 @@ def _hard_rows(width: int, dtype: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("threshold_fn, dtype, width", [
     *[(_topp_threshold_radix, d, w) for d in (torch.bfloat16, torch.float16) for w in (64, 576, 1536, 8192)],
+    *[(_topp_threshold_radix32, torch.float32, w) for w in (7, 64, 576, 1536, 8192)],
     *[(_topp_threshold_bracketed, d, w) for d in (torch.float32, torch.bfloat16, torch.float16)
       for w in (1024, 3000, 8192)],
 ])
@@ -133,7 +166,7 @@ def test_topk_and_maxp_semantics():
     (dict(rule="topq", value=0.5), "unknown sparsification rule"),
     (dict(rule="topp", value=1.5), "outside \\[0, 1\\]"),
     (dict(rule="topp", value=-0.1), "outside \\[0, 1\\]"),
-    (dict(rule="topp", value=0.5, power=0.5), "must be >= 1"),
+    (dict(rule="topp", value=0.5, power=0.5), "must be a finite number >= 1"),
     (dict(rule="maxp", value=0.5, power=2.0), "applies only to rule 'topp'"),
 ])
 def test_bad_rule_arguments(kwargs, match):

@@ -114,29 +114,70 @@ def test_sweep_resumes_without_redoing_cells_and_shards_partition(manager, tmp_p
     assert sum(len(s) for s in shards) == len(restarted.grid_cells())
 
 
-def test_search_brackets_with_fewer_evaluations(manager, tmp_path):
+def _check_stop(found: dict, width: float, budget: int) -> None:
+    """The reason a search gives for stopping is borne out by its own numbers."""
+    values = [p["value"] for p in found["points"]]
+    reasons = {
+        "converged": lambda: (found["interval"][1] - found["interval"][0] <= width
+                              and found["bracket"][1] - found["bracket"][0] <= width),
+        "budget": lambda: found["new_values"] == budget,
+        "all_above": lambda: found["status"] == "all_above" and 0.0 in values,
+        "never_reached": lambda: found["status"] == "never_reached" and 1.0 in values,
+        "no_room": lambda: found["status"] == "crossed" and found["new_values"] < budget,
+    }
+    assert found["stopped"] in reasons and reasons[found["stopped"]](), found
+    assert found["new_values"] <= budget
+
+
+def test_search_evaluates_few_values_and_the_report_reads_them_the_same_way(manager, tmp_path):
+    from common.analysis.critical import isotonic_crossing
+    from common.analysis.report import write_report
+    from common.analysis.search import run_search, searched_values
+
     lm = SparseHFLM(pretrained=tiny_model("llama"), tokenizer=char_tokenizer(), batch_size=4)
     spec = SweepSpec(model="tiny", sites=["intermediate"], tasks=["bb_general_knowledge", "fables_ppl"], limit=4)
+    grid = list(spec.grid)
     runner = SweepRunner(lm, spec, ResultStore(tmp_path), manager, verbose=False)
-    [result] = runner.run_search(threshold=0.99, resolution=0.25, ppl_percent=1.0)
+    [result] = run_search(runner, threshold=0.99, width=0.25, budget=4, ppl_percent=1.0, iterations=50)
+    assert spec.grid == grid  # the search returns its values, the spec stays as it was
     accuracy_values = {p["value"] for p in result["points"]}
     ppl = result["ppl"]["fables_ppl"]
     ppl_values = {p["value"] for p in ppl["points"]}
     assert all(0 <= point["normalized"] < 10 for point in result["points"] + ppl["points"])  # defined (dense acc > 0)
-    assert len(accuracy_values) <= 5 and accuracy_values <= ppl_values and len(ppl_values - accuracy_values) <= 5
+    assert result["new_values"] == len(accuracy_values) <= 4 and accuracy_values <= ppl_values
+    assert ppl["new_values"] == len(ppl_values - accuracy_values)
     # every accuracy value costs both tasks, a perplexity-only value one cell, dense one cell per task
     assert result["cells_evaluated"] == 2 * len(accuracy_values) + len(ppl_values - accuracy_values) + 2
     for found in (result, ppl):
-        lo, hi = found["bracket"]
-        assert found["status"] != "crossed" or hi - lo <= 0.25
-    # the perplexity ratio the search used is the one the tidy table computes
-    from common.analysis.report import write_report
-
-    summary = write_report(runner.store, spec, tmp_path / "report", iterations=20)
+        _check_stop(found, 0.25, 4)
+        crossing, status = isotonic_crossing([p["sparsity"] for p in found["points"]],
+                                             [p["normalized"] for p in found["points"]], found["threshold"])
+        assert (found["crossing"], found["status"]) == (pytest.approx(crossing), status)
+    assert searched_values([result]) == {"intermediate": sorted(ppl_values, reverse=True)}
+    # the report of the searched values reads them the same way: same crossings, same bootstrap intervals
+    summary = write_report(runner.store, spec, tmp_path / "report", iterations=50,
+                           values=searched_values([result]))
     [entry] = summary["critical"]
     assert entry["tasks"]["bb_general_knowledge"]["points"] == len(accuracy_values)
-    assert sorted(spec.grid) == sorted(accuracy_values | ppl_values)
-    assert entry["ppl_1pct_fables_ppl"]["interpolated"] == pytest.approx(ppl["critical"]["interpolated"])
+    isotonic = entry["task_average_curve"]["isotonic"]
+    assert isotonic["crossing"] == pytest.approx(result["crossing"])
+    assert isotonic["interval"] == pytest.approx(result["interval"])
+    ppl_entry = entry["ppl_1pct_fables_ppl"]
+    assert ppl_entry["interpolated"] == pytest.approx(ppl["critical"]["interpolated"])
+    assert ppl_entry["isotonic"]["crossing"] == pytest.approx(ppl["crossing"])
+    assert ppl_entry["isotonic"]["interval"] == pytest.approx(ppl["interval"])
+    # McNemar at the grid reading's value, counted a second way from the stored items
+    mcnemar = entry["mcnemar"]
+    assert mcnemar["value"] == entry["task_average_curve"]["grid_value"]
+    cell = runner.store.get(spec.key("intermediate", mcnemar["value"], "bb_general_knowledge"))
+    sparse = [i["acc"] for i in cell["items"]]
+    dense = [i["acc"] for i in runner.store.get(spec.key("dense", 1.0, "bb_general_knowledge"))["items"]]
+    assert mcnemar["pooled"]["dense_only_correct"] == sum(d == 1 and s == 0 for s, d in zip(sparse, dense))
+    assert mcnemar["pooled"]["sparse_only_correct"] == sum(d == 0 and s == 1 for s, d in zip(sparse, dense))
+    # a report without values reads the spec's grid only: here the one value 1.0 of the search's values
+    one = SweepSpec(model="tiny", sites=["intermediate"], tasks=spec.tasks, grid=[1.0], limit=4)
+    [grid_entry] = write_report(runner.store, one, tmp_path / "grid_report", iterations=20)["critical"]
+    assert 1.0 in accuracy_values and grid_entry["tasks"]["bb_general_knowledge"]["points"] == 1
 
 
 def test_critical_sparsity_on_hand_made_curves():
@@ -205,16 +246,30 @@ def test_dense_sweep_script_end_to_end_and_resume(tmp_path):
     assert "critical sparsity (task-average curve)" in first.stdout
     summary = json.loads((out / "critical.json").read_text())
     assert {c["site"] for c in summary["critical"]} == {"intermediate", "input"}
+    assert summary["spec"]["dtype"] == "float32" and summary["provenance"]["dtype"] == "float32"
+    assert summary["provenance"]["libraries"]["lm_eval"] and len(summary["store_commits"]) == 1
+    cell = json.loads(next((out / "cells").glob("*.json")).read_text())
+    assert cell["key"]["dtype"] == "float32" and cell["provenance"]["libraries"]["torch"]
     assert (out / "tidy.csv").read_text().count("\n") == 1 + 2 * 2 * 2
     for figure in ("curve_average.png", "layer_sparsity_input.pdf", "critical_sparsity.png", "effective_rank.png",
                    "fidelity_choice_kl.png", "fidelity_gold_loglik.pdf"):
         assert (out / "figures" / figure).is_file(), figure
     second = _run(*args)
     assert second.returncode == 0 and "resuming: 10 of 10 cells" in second.stdout
-    search_args = args[args.index("--limit"):]  # same limit, tasks, dtype, output; bisection instead of the grid
-    searched = _run("--model", str(model_dir), "--sites", "input", "--search", "--resolution", "0.5", *search_args)
+    search_args = args[args.index("--limit"):]  # same limit, tasks, dtype, output; the search instead of the grid
+    searched = _run("--model", str(model_dir), "--sites", "input", "--search", "--resolution", "0.5",
+                    "--budget", "5", *search_args)
     assert searched.returncode == 0, searched.stderr[-2000:]
-    assert "input: search found interpolated=" in searched.stdout and "PPL-1% on fables_ppl" in searched.stdout
+    [search] = json.loads((out / "search.json").read_text())
+    for label, found in [("input: search", search), ("PPL-1% on fables_ppl", search["ppl"]["fables_ppl"])]:
+        low, high = found["interval"]
+        assert (f"{label}: crossing={found['crossing']:.3f} [{low:.3f}, {high:.3f}] ({found['status']}), "
+                f"stopped: {found['stopped']} after {found['values_evaluated']} values") in searched.stdout
+        _check_stop(found, 0.5, 5)
+    summary = json.loads((out / "critical.json").read_text())
+    [entry] = summary["critical"]
+    assert entry["task_average_curve"]["isotonic"]["crossing"] == pytest.approx(search["crossing"])
+    assert "isotonic=" in searched.stdout and "McNemar p=" in searched.stdout
 
 
 def test_dense_sweep_script_bad_input(tmp_path):
@@ -224,6 +279,12 @@ def test_dense_sweep_script_bad_input(tmp_path):
     assert result.returncode == 2 and "need the dataset hub but HF_DATASETS_OFFLINE=1" in result.stderr
     result = _run("--grid", "1.0", "1.3")
     assert result.returncode == 2 and "outside [0, 1]" in result.stderr
+    for flags, message in [(["--resolution", "-1"], "--resolution"), (["--resolution", "0"], "--resolution"),
+                           (["--resolution", "nan"], "--resolution"), (["--budget", "1"], "--budget"),
+                           (["--threshold", "1.5"], "--threshold")]:
+        result = _run("--search", *flags)  # refused at once, before any model is loaded
+        assert result.returncode == 2 and result.stderr.strip().startswith("error: " + message), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_lm_eval_command_line_with_sparse_hf(tmp_path):

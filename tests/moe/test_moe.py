@@ -194,7 +194,8 @@ def test_moe_experts_script_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "the weights need about" in result.stdout
     experts = json.loads((out / "experts.json").read_text())
-    layers = experts["intermediate"]["per_layer_pooled"]
+    layers = experts["sites"]["intermediate"]["per_layer_pooled"]
+    assert experts["provenance"]["dtype"] == "float32" and experts["provenance"]["libraries"]["transformers"]
     assert [row["layer"] for row in layers] == [0, 1]
     assert all(row["min"] <= row["mean"] <= row["max"] for row in layers)
     for figure in ("expert_minmeanmax_intermediate.png", "expert_heatmap_intermediate.pdf",
@@ -209,8 +210,11 @@ def test_moe_experts_script_end_to_end(tmp_path):
     assert searched.returncode == 0, searched.stderr[-2000:]
     [search] = json.loads((tmp_path / "search" / "search.json").read_text())
     assert all(point["normalized"] == point["normalized"] for point in search["points"])  # no NaN
-    assert search["values_evaluated"] == (3 if search["status"] == "crossed" else 2)  # 1.0, 0.0, then 0.5
-    assert json.loads((tmp_path / "search" / "experts.json").read_text())["intermediate"]["per_layer_pooled"]
+    assert search["order"][:4] == [1.0, 0.95, 0.85, 0.6] and search["new_values"] == len(search["order"]) <= 8
+    justified = {"converged": search["interval"][1] - search["interval"][0] <= 0.5, "budget": search["new_values"] == 8,
+                 "all_above": 0.0 in search["order"], "no_room": search["status"] == "crossed"}
+    assert justified.get(search["stopped"]), search  # the coarse pass, then as many values as the stop reason says
+    assert json.loads((tmp_path / "search" / "experts.json").read_text())["sites"]["intermediate"]["per_layer_pooled"]
 
 
 def test_moe_experts_script_rejects_dense_models_and_unknown_aliases(tmp_path):

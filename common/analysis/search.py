@@ -1,0 +1,243 @@
+"""Noise-aware search for a site's critical sparsity: few evaluations and an honest interval.
+
+At a few dozen items per task the normalized score is not monotone in the rule value (one item
+moves a task by several points), so bisection can bracket a noise crossing far from the curve's.
+This search uses every evaluation made so far:
+
+1. a coarse pass over a few rule values (``COARSE_VALUES``);
+2. the isotonic (non-increasing) fit of the paired normalized score against measured sparsity,
+   its threshold crossing, and a paired-bootstrap interval (items resampled, curve refitted);
+3. one new rule value where it shrinks that interval most: in the gap between evaluated
+   sparsities whose share of the bootstrap crossings times its width is largest, at the median
+   of those crossings (mapped to a rule value linearly within the gap), moved to the nearest
+   value of the sweep's grid inside the gap if there is one (a search then sees the grid's
+   points and reuses a grid's cells; finer values only where the grid has none);
+
+until the interval and the gap around the crossing are both narrower than ``width`` (in
+measured sparsity), or ``budget`` new values are spent. The PPL-p% criterion runs the same
+search on the perplexity ratio (documents resampled), starting from the values the accuracy
+search evaluated (their perplexity cells exist already).
+
+``stopped`` says why a search ended: ``converged`` (interval and gap narrower than the width),
+``budget`` (the interval is the honest answer at this item count), ``never_reached`` (below the
+threshold even at value 1.0), ``all_above`` (above it even at value 0.0), ``no_room`` (the gaps
+holding the bootstrap crossings are narrower than the rule-value step ``VALUE_STEP``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from common.analysis.critical import (bootstrap_indices, critical_sparsity, fitted_crossing, isotonic_crossings,
+                                      isotonic_fit, perplexity_curves, task_average_curves)
+from common.evaluation.sweep import DENSE, measured_sparsity
+from common.evaluation.tasks import PERPLEXITY_TASKS
+
+COARSE_VALUES = (1.0, 0.95, 0.85, 0.6)  # top-p values spread over measured sparsity ~0 to ~0.7
+DEFAULT_WIDTH = 0.05  # about one paper-grid step in measured sparsity near typical crossings
+DEFAULT_BUDGET = 8  # new rule values per site and criterion (the paper grid has 26)
+VALUE_STEP = 1e-4  # rule values are rounded to this; a gap narrower than two steps cannot be split
+
+Evaluate = Callable[[float], tuple[float, Sequence[np.ndarray]]]
+Curves = Callable[[list[np.ndarray], list[np.ndarray] | None], np.ndarray]
+
+
+def check_search_settings(threshold: float, width: float, budget: int, ppl_percent: float = 1.0) -> None:
+    """One-line errors for settings under which the search cannot end or means nothing."""
+    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+        raise ValueError(f"--threshold must be in (0, 1], got {threshold}")
+    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+        raise ValueError(f"--resolution (the search's interval width in measured sparsity) must be a positive "
+                         f"number, got {width}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
+        raise ValueError(f"--budget (new rule values per search) must be a whole number >= 2, got {budget}")
+    if not (isinstance(ppl_percent, (int, float)) and math.isfinite(ppl_percent) and ppl_percent >= 0):
+        raise ValueError(f"--ppl-percent must be a number >= 0, got {ppl_percent}")
+
+
+def noise_aware_search(evaluate: Evaluate, curves: Curves, threshold: float = 0.99, width: float = DEFAULT_WIDTH,
+                       budget: int = DEFAULT_BUDGET, coarse: Sequence[float] = COARSE_VALUES,
+                       known: Sequence[float] = (), candidates: Sequence[float] = (), iterations: int = 1000,
+                       seed: int = 0, label: str = "search", verbose: bool = False) -> dict:
+    """Critical sparsity of one criterion with at most ``budget`` new rule values.
+
+    ``evaluate(value)`` returns (measured sparsity, per-task item arrays at that value), the
+    items in the same order at every value; ``curves(items, indices)`` turns the stacked items
+    (per task, [points, items]) into the normalized score per point, or per resample and point
+    when ``indices`` (per task, [resamples, items], ``bootstrap_indices``) is given. ``known``
+    values are evaluated first and cost nothing against the budget (their cells exist). A new value is the
+    ``candidates`` value (a sweep's grid) nearest to the chosen one when the gap holds any, so a
+    search shares its points, and their noise, with the grid.
+    """
+    check_search_settings(threshold, width, budget)
+    points: dict[float, tuple[float, list[np.ndarray]]] = {}
+    order: list[float] = []
+    history: list[dict] = []
+    indices: list[np.ndarray] | None = None
+    progress = tqdm(total=len(known) + budget, desc=label, unit="value", disable=not verbose)
+
+    def measure(value: float) -> None:
+        nonlocal indices
+        value = round(float(value), 6)
+        if value in points:
+            return
+        sparsity, items = evaluate(value)
+        items = [np.asarray(i, dtype=float) for i in items]
+        if indices is None:
+            indices = [bootstrap_indices(i.size, iterations, seed + t) for t, i in enumerate(items)]
+        points[value] = (float(sparsity), items)
+        order.append(value)
+        progress.update(1)
+
+    for value in known:
+        measure(value)
+    new = 0
+    for value in coarse:
+        if new < budget and round(float(value), 6) not in points:
+            measure(value)
+            new += 1
+    while True:
+        fit = _fit(points, curves, indices, threshold)
+        history.append({"values": len(points), "crossing": fit["crossing"], "interval": fit["interval"]})
+        progress.set_postfix(crossing=f"{fit['crossing']:.3f}", interval=f"{fit['interval'][0]:.3f}-"
+                                                                           f"{fit['interval'][1]:.3f}")
+        stopped, value = _next_value(fit, width, candidates)
+        if stopped is None and new >= budget:
+            stopped = "budget"
+        if stopped is not None:
+            break
+        measure(value)
+        new += 1
+    progress.close()
+    values = fit["values"]
+    return {"label": label, "threshold": threshold, "width": width, "budget": budget, "status": fit["status"],
+            "crossing": fit["crossing"], "interval": fit["interval"], "bracket": fit["bracket"], "stopped": stopped,
+            "values_evaluated": len(values), "new_values": new, "order": order, "history": history,
+            "critical": critical_sparsity(fit["sparsity"], fit["normalized"], threshold, values).as_dict(),
+            "points": [{"value": v, "sparsity": s, "normalized": n, "fitted": f} for v, s, n, f in
+                       zip(values, fit["sparsity"].tolist(), fit["normalized"].tolist(), fit["fitted"].tolist())]}
+
+
+def _fit(points: dict, curves: Curves, indices: list[np.ndarray], threshold: float) -> dict:
+    """Isotonic crossing of the evaluated points and its bootstrap crossings."""
+    values = sorted(points, key=lambda v: (points[v][0], -v))  # by measured sparsity
+    sparsity = np.array([points[v][0] for v in values])
+    stacked = [np.stack([points[v][1][t] for v in values]) for t in range(len(points[values[0]][1]))]
+    normalized = np.asarray(curves(stacked, None), dtype=float)
+    if np.isnan(normalized).any():
+        raise ValueError("the normalized score is undefined (dense score 0 on every task); use more items (--limit)")
+    _, fitted = isotonic_fit(sparsity, normalized)
+    crossing, status, k = fitted_crossing(sparsity, fitted, threshold)
+    crossings = isotonic_crossings(sparsity, curves(stacked, indices), threshold)
+    interval = [float(x) for x in np.percentile(crossings, [2.5, 97.5])] if crossings.size else [math.nan] * 2
+    bracket = [float(sparsity[k]), float(sparsity[k + 1])] if status == "crossed" else [crossing, crossing]
+    return {"values": values, "sparsity": sparsity, "normalized": normalized, "fitted": fitted, "status": status,
+            "crossing": crossing, "interval": interval, "bracket": bracket, "crossings": crossings}
+
+
+def _next_value(fit: dict, width: float, candidates: Sequence[float] = ()) -> tuple[str | None, float | None]:
+    """(why to stop, None) or (None, the next rule value to evaluate)."""
+    values, sparsity = fit["values"], fit["sparsity"]
+    if fit["status"] == "never_reached":
+        return ("never_reached", None) if max(values) >= 1.0 else (None, 1.0)
+    if fit["status"] == "all_above":
+        return ("all_above", None) if min(values) <= 0.0 else (None, 0.0)
+    low, high = fit["interval"]
+    if high - low <= width and fit["bracket"][1] - fit["bracket"][0] <= width:
+        return "converged", None
+    crossings, best, target = fit["crossings"], 0.0, None
+    for i in range(len(values) - 1):
+        s_a, s_b, v_a, v_b = sparsity[i], sparsity[i + 1], values[i], values[i + 1]
+        inside = crossings[(crossings > s_a) & (crossings <= s_b)]
+        if s_b <= s_a or abs(v_b - v_a) < 2 * VALUE_STEP or inside.size == 0:
+            continue
+        score = inside.size / crossings.size * (s_b - s_a)
+        if score > best:
+            at = np.clip(np.median(inside), s_a + 0.1 * (s_b - s_a), s_b - 0.1 * (s_b - s_a))
+            value = round((v_a + (at - s_a) / (s_b - s_a) * (v_b - v_a)) / VALUE_STEP) * VALUE_STEP
+            value = min(max(value, min(v_a, v_b) + VALUE_STEP), max(v_a, v_b) - VALUE_STEP)
+            inside = [c for c in candidates if min(v_a, v_b) < c < max(v_a, v_b)]
+            if inside:
+                value = min(inside, key=lambda c: abs(c - value))
+            best, target = score, round(value, 6)
+    return ("no_room", None) if target is None else (None, target)
+
+
+# ---- the sweep's search: every site of a shard, accuracy then PPL-p% -------------------------
+
+def run_search(runner, threshold: float = 0.99, width: float = DEFAULT_WIDTH, budget: int = DEFAULT_BUDGET,
+               ppl_percent: float = 1.0, iterations: int = 1000) -> list[dict]:
+    """Search every site of the runner's shard (sites are split across shards, cells are not).
+
+    ``runner`` is a ``common.evaluation.sweep.SweepRunner``; the spec is left as it is: pass
+    ``searched_values(searches)`` to ``write_report`` to report exactly the evaluated points.
+    """
+    check_search_settings(threshold, width, budget, ppl_percent)
+    count, index = runner.shard[1], runner.shard[0]
+    sites = [site for position, site in enumerate(runner.spec.sites) if position % count == index]
+    return [search_site(runner, site, threshold, width, budget, ppl_percent, iterations) for site in sites]
+
+
+def searched_values(searches: list[dict]) -> dict[str, list[float]]:
+    """Per site: every rule value its searches evaluated (accuracy and perplexity), highest first."""
+    return {search["site"]: sorted({point["value"] for part in [search, *search["ppl"].values()]
+                                    for point in part["points"]}, reverse=True) for search in searches}
+
+
+def search_site(runner, site: str, threshold: float = 0.99, width: float = DEFAULT_WIDTH,
+                budget: int = DEFAULT_BUDGET, ppl_percent: float = 1.0, iterations: int = 1000) -> dict:
+    """The task-average accuracy criterion, then PPL-p% on each perplexity task, for one site."""
+    spec = runner.spec
+    before = runner.evaluations
+    dense = {task: runner.cell(DENSE, 1.0, task) for task in spec.tasks}
+    scoring = [t for t in spec.tasks if t not in PERPLEXITY_TASKS]
+    used = [t for t in scoring if dense[t]["metrics"][spec.metric_for(t)]]
+    if not used:
+        raise ValueError(f"the dense model scores 0 on every scoring task ({', '.join(scoring)}), so normalized "
+                         "scores are undefined; use more items (--limit) or other tasks")
+    dense_items = [_item_scores(dense[t], spec.metric_for(t)) for t in used]
+
+    def accuracy(value: float) -> tuple[float, list[np.ndarray]]:
+        results = {task: runner.cell(site, value, task) for task in spec.tasks}  # perplexity cells: reused below
+        items = [_item_scores(results[t], spec.metric_for(t), len(d)) for t, d in zip(used, dense_items)]
+        return float(np.mean([measured_sparsity(results[t], site) for t in used])), items
+
+    out = {"site": site, "tasks": used,
+           **noise_aware_search(accuracy, lambda items, indices: task_average_curves(items, dense_items, indices),
+                                threshold, width, budget, candidates=spec.grid, iterations=iterations,
+                                label=f"search {site}", verbose=runner.verbose), "ppl": {}}
+    searched = [point["value"] for point in out["points"]]
+    for task in [t for t in spec.tasks if t in PERPLEXITY_TASKS]:
+        out["ppl"][task] = _perplexity_search(runner, site, task, dense[task], searched, ppl_percent, width,
+                                              budget, iterations)
+    out["cells_evaluated"] = runner.evaluations - before
+    return out
+
+
+def _perplexity_search(runner, site: str, task: str, dense: dict, known: list[float], ppl_percent: float,
+                       width: float, budget: int, iterations: int) -> dict:
+    dense_logliks = np.array([i["loglikelihood"] for i in dense["items"]])
+    words = np.array([i["words"] for i in dense["items"]], dtype=float)
+
+    def evaluate(value: float) -> tuple[float, list[np.ndarray]]:
+        result = runner.cell(site, value, task)
+        return measured_sparsity(result, site), [_item_scores(result, "loglikelihood", len(words))]
+
+    def curves(items, indices):
+        return perplexity_curves(items[0], dense_logliks, words, None if indices is None else indices[0])
+
+    return noise_aware_search(evaluate, curves, 1.0 / (1.0 + ppl_percent / 100.0), width, budget, coarse=(),
+                              known=known, candidates=runner.spec.grid, iterations=iterations,
+                              label=f"PPL-{ppl_percent:g}% {site}", verbose=runner.verbose)
+
+
+def _item_scores(result: dict, field: str, expected: int | None = None) -> np.ndarray:
+    scores = np.array([item[field] for item in result["items"]], dtype=float)
+    if expected is not None and scores.size != expected:
+        raise ValueError(f"a cell has {scores.size} items and its dense cell {expected}; both must use the same "
+                         "items (same --limit)")
+    return scores
