@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ImportError, RuntimeError)
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ImportError, RuntimeError, ConnectionError)
 
 
 def run_main(main: Callable[[], object]) -> None:

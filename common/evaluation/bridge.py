@@ -26,6 +26,8 @@ counted once, so the numbers equal a single-process run on the same items.
 
 from __future__ import annotations
 
+import inspect
+
 from contextlib import nullcontext
 from functools import partial
 
@@ -165,6 +167,31 @@ class SparsificationSettings:
                 atomic_write_json(self.stats_file, statistics)
 
 
+# keyword arguments HFLM hands on to ``from_pretrained`` that are also accepted here
+FROM_PRETRAINED_ARGS = {"attn_implementation", "experts_implementation", "low_cpu_mem_usage", "cache_dir",
+                        "local_files_only", "token", "use_safetensors", "variant", "device_map"}
+
+
+def check_model_args(sites, rule, value, power, layers, other: dict) -> None:
+    """One-line errors for bad sparsification arguments and unknown model arguments, before loading."""
+    sites = split_arg(sites)
+    if sites:
+        expand_sites(sites)
+    try:
+        value, power = float(value), float(power)
+    except (TypeError, ValueError):
+        raise ValueError(f"value and power must be numbers, got value={value!r}, power={power!r}") from None
+    validate_rule(rule, value, power)
+    bad_layers = [layer for layer in split_arg(layers) if not str(layer).lstrip("-").isdigit()]
+    if bad_layers:
+        raise ValueError(f"layers must be '+'-separated integers, got {', '.join(map(str, bad_layers))}")
+    known = (set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}) | FROM_PRETRAINED_ARGS
+    unknown = sorted(set(other) - known)
+    if unknown:
+        raise ValueError(f"unknown model argument(s) {', '.join(unknown)} for sparse-hf; it takes sites, rule, value, "
+                         "power, layers, stats_file, shared_context and lm-eval's HFLM arguments")
+
+
 @register_model("sparse-hf")
 class SparseHFLM(SparsificationSettings, HFLM):
     """HFLM with per-token FFN sparsification; ``sites=None`` evaluates the dense model."""
@@ -173,6 +200,7 @@ class SparseHFLM(SparsificationSettings, HFLM):
                  layers=None, stats_file: str | None = None, shared_context=True, **kwargs):
         from common.models.loading import resolve_model_path  # aliases; one line, not hub retries, offline
 
+        check_model_args(sites, rule, value, power, layers, kwargs)  # before the (slow) model load
         pretrained = resolve_model_path(pretrained) if isinstance(pretrained, str) else pretrained
         if isinstance(kwargs.get("tokenizer"), str):
             kwargs["tokenizer"] = resolve_model_path(kwargs["tokenizer"])

@@ -24,6 +24,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from common.models.hub import hub_reachable
 from common.models.loading import cache_dir
 
 DATA = Path(__file__).parent / "task_data"
@@ -142,6 +143,11 @@ def check_tasks(names: list[str]) -> None:
     if unknown_offline and os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise ValueError(f"tasks {', '.join(unknown_offline)} need the dataset hub but HF_DATASETS_OFFLINE=1; "
                          "use an offline suite (--tasks small or full) or its tasks, or go online")
+    if unknown_offline and not hub_reachable():
+        # no retries against an unreachable hub: datasets then reads its local cache or fails at once
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        print(f"the dataset hub cannot be reached: {', '.join(unknown_offline)} load from the local datasets cache "
+              "only (run once online to cache them, or use --tasks small or full)")
 
 
 def resolve_task_names(names: list[str] | None) -> list[str]:

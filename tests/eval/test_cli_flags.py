@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -55,3 +56,43 @@ def test_bad_numbers_are_argument_errors(parse, text):
 
 def test_batch_size_accepts_lm_eval_forms():
     assert flags.batch_size("8") == 8 and flags.batch_size("auto") == "auto" and flags.batch_size("auto:4") == "auto:4"
+
+
+def test_hub_only_tasks_with_an_unreachable_hub_read_the_local_cache_only(monkeypatch, capsys):
+    from common.evaluation import tasks
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(tasks, "hub_reachable", lambda: False)
+    tasks.check_tasks(["bb_social_iqa"])  # offline tasks never probe
+    assert "HF_DATASETS_OFFLINE" not in os.environ
+    tasks.check_tasks(["bb_social_iqa", "arc_easy"])
+    assert os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert "arc_easy load from the local datasets cache only" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="need the dataset hub but HF_DATASETS_OFFLINE=1"):
+        tasks.check_tasks(["arc_easy"])
+
+
+@pytest.mark.parametrize("arg_string, message", [
+    ("pretrained=/no/such/dir,sites=intermediate,value=2", "outside \\[0, 1\\]"),
+    ("pretrained=/no/such/dir,sites=middle", "unknown FFN site"),
+    ("pretrained=/no/such/dir,sites=intermediate,value=0.9,colour=blue", "unknown model argument"),
+    ("pretrained=/no/such/dir,sites=intermediate,layers=a+b", "layers must be"),
+    ("pretrained=/no/such/dir,sites=intermediate,value=0.9", "does not exist"),
+])
+def test_sparse_hf_model_args_are_checked_before_any_loading(arg_string, message):
+    from common.evaluation.bridge import SparseHFLM
+
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        SparseHFLM.create_from_arg_string(arg_string, {"batch_size": 1, "device": "cpu"})
+
+
+def test_lm_eval_command_line_bad_value_is_one_line():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "common.cli.lm_eval", "run", "--model", "sparse-hf", "--model_args",
+                             "pretrained=/no/such/dir,sites=intermediate,value=1.5", "--tasks", "bb_social_iqa"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: rule value p=1.5 is outside [0, 1]")
+    assert "Traceback" not in result.stderr

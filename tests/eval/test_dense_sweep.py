@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common.analysis.critical import bootstrap_critical, critical_sparsity, paired_bootstrap_ratio
 from common.evaluation.bridge import SparseHFLM
@@ -285,6 +286,27 @@ def test_dense_sweep_script_bad_input(tmp_path):
         result = _run("--search", *flags)  # refused at once, before any model is loaded
         assert result.returncode == 2 and result.stderr.strip().startswith("error: " + message), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+    (tmp_path / "a-file").write_text("x")
+    for flags, message in [(["--limit", "-1"], "expected 0 or more"), (["--batch-size", "abc"], "invalid --batch-size"),
+                           (["--dtype", "float8"], "unknown --dtype"), (["--power", "nan"], "expected a finite"),
+                           (["--output", str(tmp_path / "a-file")], "is a file")] + (
+            [] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]):
+        result = _run(*flags)  # refused before any model is loaded or any cell computed
+        assert result.returncode == 2 and message in result.stderr, (flags, result.stderr)
+        assert "Traceback" not in result.stderr and "error" in result.stderr.strip().splitlines()[-1]
+
+
+def test_missing_cells_name_the_unfinished_shards(manager, tmp_path):
+    lm = SparseHFLM(pretrained=tiny_model("llama"), tokenizer=char_tokenizer(), batch_size=4)
+    spec = SweepSpec(model="tiny", sites=["intermediate"], tasks=TASKS[:1], grid=[1.0, 0.7, 0.4, 0.2], limit=2)
+    store = ResultStore(tmp_path / "store")
+    first = SweepRunner(lm, spec, store, manager, shard=(0, 2), verbose=False)
+    first.run_grid()
+    missing = first.missing_cells()
+    others = SweepRunner(lm, spec, store, manager, shard=(1, 2), verbose=False).grid_cells()
+    assert set(missing) == ({1} if others else set()) and sum(missing.values()) == len(others)
+    SweepRunner(lm, spec, store, manager, shard=(1, 2), verbose=False).run_grid()
+    assert first.missing_cells() == {}
 
 
 def test_lm_eval_command_line_with_sparse_hf(tmp_path):
@@ -293,7 +315,7 @@ def test_lm_eval_command_line_with_sparse_hf(tmp_path):
     model_dir = save_tiny_llama(tmp_path / "tiny")
     stats = tmp_path / "stats.json"
     result = subprocess.run(
-        [sys.executable, "-m", "common.evaluation.lm_eval_cli", "run", "--model", "sparse-hf", "--model_args",
+        [sys.executable, "-m", "common.cli.lm_eval", "run", "--model", "sparse-hf", "--model_args",
          f"pretrained={model_dir},sites=input+intermediate,value=0.8,stats_file={stats}",
          "--tasks", "bb_general_knowledge", "--limit", "4", "--batch_size", "4"],
         capture_output=True, text=True, cwd=REPO, timeout=600,

@@ -244,3 +244,31 @@ def test_resolver_answers_an_uncached_hub_id_in_a_fraction_of_a_second(tmp_path,
     with pytest.raises(FileNotFoundError, match=r"someone/uncached-model is not in the local hub cache .* and "
                                                 r"HF_HUB_OFFLINE is set: download it .*`hf download someone/"):
         resolve_model_path("someone/uncached-model")
+
+
+def _rehearse(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "experiments" / script), "--rehearse", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+
+def test_llada_jaccard_rehearsal_runs_end_to_end(tmp_path):
+    out = tmp_path / "llada"
+    result = _rehearse("llada_jaccard.py", "--model", "llada-8b-instruct", "--limit", "1", "--steps", "4",
+                       "--gen-length", "8", "--block-length", "4", "--reuse", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rehearsal"] is True and summary["rehearsal_of"] == "llada-8b-instruct"
+    config = json.loads((out / "rehearsal.json").read_text())["config"]
+    assert config["num_hidden_layers"] == 32 and config["vocab_size"] == 126464
+    assert 0 < summary["sparsity_per_site"]["intermediate"]["element_weighted"] < 1
+
+
+def test_dense_sweep_rehearsal_of_llada_runs_end_to_end(tmp_path):
+    out = tmp_path / "dense"
+    result = _rehearse("dense_sweep.py", "--model", "llada-8b-base", "--tasks", "bb_general_knowledge", "--limit", "2",
+                       "--grid", "1.0", "0.5", "--mc-num", "2", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    critical = json.loads((out / "critical.json").read_text())
+    assert critical["rehearsal"] is True and critical["rehearsal_of"] == "llada-8b-base"
+    assert {entry["site"] for entry in critical["critical"]} == {"intermediate"}

@@ -226,3 +226,5 @@ def test_moe_experts_script_rejects_dense_models_and_unknown_aliases(tmp_path):
     assert result.returncode == 2 and "unknown MoE model 'mixtral-huge'" in result.stderr
     result = _moe_script("--model", "olmoe-1b-7b", "--grid", "2")
     assert result.returncode == 2 and "outside [0, 1]" in result.stderr
+    result = _moe_script("--model", "olmoe-1b-7b", "--critical-value", "2.5")  # was: exit 0, empty experts.json
+    assert result.returncode == 2 and "rule value p=2.5 is outside [0, 1]" in result.stderr

@@ -1,6 +1,6 @@
 """lm-eval's command line with this toolkit's models registered and the offline suite on the path.
 
-    python -m common.evaluation.lm_eval_cli run --model sparse-hf \
+    python -m common.cli.lm_eval run --model sparse-hf \
         --model_args pretrained=DIR,sites=input+intermediate,rule=topp,value=0.9,stats_file=stats.json \
         --tasks bb_social_iqa bb_movie_recommendation --limit 100
 
@@ -11,6 +11,8 @@ suite's YAML folder is added with ``--include_path`` unless one is given.
 from __future__ import annotations
 
 import sys
+
+from common.cli.flags import run_main
 
 
 def main() -> None:
@@ -28,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # bad model arguments: one line, before any model is loaded
