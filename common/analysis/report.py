@@ -45,21 +45,27 @@ def fidelity(sparse_items: list[dict], dense_items: list[dict]) -> dict:
 
 
 def tidy_table(store: ResultStore, spec: SweepSpec, iterations: int = 1000,
-               values: dict[str, list[float]] | None = None) -> pd.DataFrame:
+               values: dict | None = None) -> pd.DataFrame:
     """One row per finished (site, value, task) cell of the sweep, with normalized scores.
 
-    ``values``: the rule values to report per site (a search's evaluated values); by default the
-    spec's grid for every site, so cells of a search in the same store stay out of a grid report.
+    ``values``: the rule values to report per site (a list, or a search's ``{"scoring": [...],
+    "perplexity": [...]}`` from ``searched_values``); by default the spec's grid for every site,
+    so cells of a search in the same store stay out of a grid report.
     """
     rows = []
     dense = {t: store.get(spec.key(DENSE, 1.0, t)) for t in spec.tasks}
-    grids = {site: {round(float(v), 6) for v in (spec.grid if values is None else values.get(site, []))}
-             for site in spec.sites}
+    def allowed(site: str, kind: str) -> set[float]:
+        chosen = spec.grid if values is None else values.get(site, [])
+        if isinstance(chosen, dict):  # a search: its own points per criterion
+            chosen = chosen[kind]
+        return {round(float(v), 6) for v in chosen}
+
+    grids = {(site, kind): allowed(site, kind) for site in spec.sites for kind in ("scoring", "perplexity")}
     for key, result in store.records(**spec.matches()):
         task, site = key["task"], key["site"]
         if task not in spec.tasks or site not in spec.sites or dense.get(task) is None:
             continue
-        if key["value"] not in grids[site]:
+        if key["value"] not in grids[(site, "perplexity" if task in PERPLEXITY_TASKS else "scoring")]:
             continue
         base = dense[task]
         metric = spec.metric_for(task)
@@ -249,7 +255,7 @@ def figures(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, critical: 
 
 def write_report(store: ResultStore, spec: SweepSpec, output: Path, threshold: float = 0.99,
                  ppl_percent: float = 1.0, iterations: int = 1000, extra: dict | None = None,
-                 values: dict[str, list[float]] | None = None) -> dict:
+                 values: dict | None = None) -> dict:
     """tidy.csv, critical.json (and the figures) from whatever cells are finished; ``values``: the
     rule values per site to report (``common.analysis.search.searched_values``), default the grid."""
     frame = tidy_table(store, spec, iterations, values)

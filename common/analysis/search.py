@@ -182,10 +182,15 @@ def run_search(runner, threshold: float = 0.99, width: float = DEFAULT_WIDTH, bu
     return [search_site(runner, site, threshold, width, budget, ppl_percent, iterations) for site in sites]
 
 
-def searched_values(searches: list[dict]) -> dict[str, list[float]]:
-    """Per site: every rule value its searches evaluated (accuracy and perplexity), highest first."""
-    return {search["site"]: sorted({point["value"] for part in [search, *search["ppl"].values()]
-                                    for point in part["points"]}, reverse=True) for search in searches}
+def searched_values(searches: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Per site, the rule values its searches evaluated, highest first: ``scoring`` (the accuracy
+    search, read by the multiple-choice tasks) and ``perplexity`` (the PPL search, which starts
+    from the accuracy values). The report reads each criterion on exactly its search's points."""
+    def ordered(parts):
+        return sorted({point["value"] for part in parts for point in part["points"]}, reverse=True)
+
+    return {search["site"]: {"scoring": ordered([search]), "perplexity": ordered([search, *search["ppl"].values()])}
+            for search in searches}
 
 
 def search_site(runner, site: str, threshold: float = 0.99, width: float = DEFAULT_WIDTH,

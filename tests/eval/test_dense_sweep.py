@@ -154,7 +154,8 @@ def test_search_evaluates_few_values_and_the_report_reads_them_the_same_way(mana
         crossing, status = isotonic_crossing([p["sparsity"] for p in found["points"]],
                                              [p["normalized"] for p in found["points"]], found["threshold"])
         assert (found["crossing"], found["status"]) == (pytest.approx(crossing), status)
-    assert searched_values([result]) == {"intermediate": sorted(ppl_values, reverse=True)}
+    assert searched_values([result]) == {"intermediate": {"scoring": sorted(accuracy_values, reverse=True),
+                                                          "perplexity": sorted(ppl_values, reverse=True)}}
     # the report of the searched values reads them the same way: same crossings, same bootstrap intervals
     summary = write_report(runner.store, spec, tmp_path / "report", iterations=50,
                            values=searched_values([result]))
