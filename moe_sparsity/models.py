@@ -8,7 +8,7 @@ import torch
 
 from common.core.sites import ARCHITECTURES
 from common.models.aliases import ModelAlias, register
-from common.models.loading import cache_dir, first_line, resolve_model_path
+from common.models.loading import cache_dir, load_pretrained, resolve_model_path
 
 EMBEDDED_MOE = "moefied-smollm2-135m"
 MOE_MODEL_TYPES = {t for row in ARCHITECTURES if row.is_moe for t in row.model_types}
@@ -36,20 +36,11 @@ def resolve_moe_path(name: str) -> str:
 def load_moe(name: str, dtype: torch.dtype, device: str = "cpu", device_map=None,
              experts_implementation: str | None = None):
     """(model, tokenizer) for a fused-experts MoE; refuses dense models in one line."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_moe_path(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
+    def must_be_moe(config) -> None:
         if config.model_type not in MOE_MODEL_TYPES:
             raise ValueError(f"{name} is a {config.model_type!r} model, not a mixture of experts "
                              f"({', '.join(sorted(MOE_MODEL_TYPES))}); use experiments/dense_sweep.py for dense models")
-        kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as error:
-        raise FileNotFoundError(f"cannot load MoE model {name!r} from {path} ({first_line(error)}); check the name, "
-                                "or download it while online") from None
-    if device_map is None:
-        model = model.to(device)
-    return model.eval(), tokenizer
+
+    kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    return load_pretrained(name, resolve_moe_path(name), dtype, device, device_map, must_be_moe, **kwargs)

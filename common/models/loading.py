@@ -107,13 +107,16 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str = "cpu", device_map=None):
-    """(model, tokenizer) for a dense causal LM named by alias, hub id or directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_pretrained(name: str, path: str, dtype=None, device: str = "cpu", device_map=None, check_config=None,
+                    **kwargs):
+    """(model, tokenizer) from a resolved ``path``; ``check_config(config)`` may refuse the model
+    before its weights load. A load failure is one line naming the model and what to do."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=device_map)
+        if check_config is not None:
+            check_config(AutoConfig.from_pretrained(path))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=device_map, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as error:
         raise FileNotFoundError(f"cannot load model {name!r} from {path} ({first_line(error)}); check the name, "
@@ -121,3 +124,8 @@ def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str = "c
     if device_map is None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str = "cpu", device_map=None):
+    """(model, tokenizer) for a dense causal LM named by alias, hub id or directory."""
+    return load_pretrained(name, resolve_model_path(name), dtype, device, device_map)

@@ -165,12 +165,8 @@ def test_llada_replica_keeps_mask_and_eos_ids():
 def test_moe_rehearsal_runs_the_study_end_to_end(tmp_path):
     out = tmp_path / "rehearsal"
     started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "moe_experts.py"), "--model", "olmoe-1b-7b", "--rehearse",
-         "--tasks", "bb_general_knowledge", "--limit", "4", "--grid", "1.0", "0.5", "--critical-value", "0.5",
-         "--output", str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    result = _rehearse("moe_experts.py", "--model", "olmoe-1b-7b", "--tasks", "bb_general_knowledge", "--limit", "4",
+                       "--grid", "1.0", "0.5", "--critical-value", "0.5", "--output", str(out))
     elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr[-2000:]
     assert "plan for olmoe-1b-7b" in result.stdout and "REHEARSAL: random-weight replica" in result.stdout
