@@ -44,6 +44,9 @@ def main() -> None:
     from moe_sparsity.study import write_expert_study
 
     sites, tasks, shard, grid, device, dtype, device_map = sweep_settings(args, PAPER_MOE_GRID)
+    if args.critical_value is not None:
+        validate_rule(args.rule, args.critical_value, args.power)
+        grid = sorted(set(grid) | {args.critical_value}, reverse=True)  # its cells are needed for the expert tables
     from common.models.plan import print_plan
     from common.cli.rehearsal import mark_rehearsal
     from common.models.replica import rehearsal_model
@@ -55,9 +58,6 @@ def main() -> None:
         dtype = model.dtype
     else:
         print_plan(args.model, dtype, device_map or device, args.batch_size, family="moe")
-    if args.critical_value is not None:
-        validate_rule(args.rule, args.critical_value, args.power)
-        grid = sorted(set(grid) | {args.critical_value}, reverse=True)  # its cells are needed for the expert tables
     output = output_folder(args, "moe_experts")
     store = open_store(output, dtype, device_map or device, args.allow_mixed)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
