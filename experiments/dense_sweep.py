@@ -75,7 +75,8 @@ def main() -> None:
                         device=str(model.device))
     spec = SweepSpec(model=args.model, sites=sites, tasks=tasks, rule=args.rule, power=args.power, grid=grid,
                      limit=args.limit or None, layers=args.layers, metric=args.metric,
-                     dtype=str(dtype).replace("torch.", ""), device_type=model.device.type)
+                     dtype=str(dtype).replace("torch.", ""), device_type=model.device.type,
+                     stop_below=args.stop_below, stop_after=args.stop_after)
     extra = {}
     if args.effective_rank:
         from common.analysis.report import effective_rank_pass

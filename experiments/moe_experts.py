@@ -21,7 +21,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="moefied-smollm2-135m",
                         help="qwen3-30b-a3b, olmoe-1b-7b, a hub id, a local directory, or moefied-smollm2-135m")
-    add_sweep_arguments(parser, "moe_experts", default_limit=30, bootstrap=500)
+    add_sweep_arguments(parser, "moe_experts", default_limit=30, bootstrap=500, item_planning=False)
     parser.add_argument("--critical-value", type=finite_float, default=None,
                         help="report experts at this rule value instead of the measured critical one")
     parser.add_argument("--experts-implementation", default=None, choices=["grouped_mm", "batched_mm", "eager"])
@@ -67,7 +67,7 @@ def main() -> None:
                     device=str(model.device))
     spec = SweepSpec(model=args.model, sites=sites, tasks=tasks, rule=args.rule, power=args.power, grid=grid,
                      limit=args.limit or None, metric=args.metric, dtype=str(dtype).replace("torch.", ""),
-                     device_type=model.device.type)
+                     device_type=model.device.type, stop_below=args.stop_below, stop_after=args.stop_after)
     summary = run_sweep(args, lm, spec, store, shard,
                         extra={"experts_implementation": model.config._experts_implementation})
     if summary is None:

@@ -20,7 +20,7 @@ from common.analysis.critical import (bootstrap_critical, bootstrap_indices, cri
                                       isotonic_crossing, isotonic_interval, mcnemar_exact, paired_bootstrap_ratio,
                                       perplexity_curves, task_average_curves)
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
-from common.evaluation.sweep import DENSE, SweepSpec, measured_sparsity, perplexity
+from common.evaluation.sweep import DENSE, SweepSpec, early_stop, measured_sparsity, perplexity
 from common.evaluation.tasks import PERPLEXITY_TASKS
 
 
@@ -100,6 +100,9 @@ def critical_table(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, thr
         if site_rows.empty:
             continue
         entry = {"site": site, "tasks": {}}
+        stop = early_stop(store, spec, site)
+        if stop is not None:  # the grid values below were never evaluated: far from any crossing
+            entry["early_stop"] = stop
         for task in scoring:
             rows = site_rows[site_rows.task == task].sort_values("measured_sparsity")
             if rows.empty:

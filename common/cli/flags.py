@@ -131,8 +131,10 @@ def finite_float(text: str) -> float:
     return value
 
 
-def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int = 1000) -> None:
-    """Flags shared by the sweep scripts (dense and MoE)."""
+def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int = 1000,
+                        item_planning: bool = True) -> None:
+    """Flags shared by the sweep scripts (dense and MoE); ``item_planning``: the item-planned sweep's
+    flags (the MoE expert study reads the grid's critical value, so it has none)."""
     from common.core.sites import SITES
 
     parser.add_argument("--sites", nargs="+", default=["intermediate"], help=f"any of {', '.join(SITES)}, or all")
@@ -145,6 +147,13 @@ def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int =
     parser.add_argument("--resolution", type=float, default=0.05,
                         help="--search stops when its 95%% interval (in measured sparsity) is this narrow")
     parser.add_argument("--budget", type=int, default=8, help="--search: at most this many new rule values per site and criterion")
+    if item_planning:
+        _add_item_planning_arguments(parser)
+    parser.add_argument("--stop-below", type=finite_float, default=None,
+                        help="grid: skip a site's lower values once its task-average normalized score has stayed "
+                             "below this for --stop-after values in a row (e.g. 0.9; default: the full grid)")
+    parser.add_argument("--stop-after", type=positive_int, default=2,
+                        help="grid values in a row below --stop-below that end a site (default 2)")
     parser.add_argument("--tasks", nargs="+", default=None,
                         help="lm-eval task names or suites: 'offline' or 'small' (default, 769 items), 'full' "
                              "(10,492 items), 'paper' = the paper's nine")
@@ -165,6 +174,18 @@ def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int =
                         help="resume a store written with other torch / transformers / lm-eval versions")
 
 
+def _add_item_planning_arguments(parser) -> None:
+    """The item-planned sweep (common.analysis.item_sweep): its cells are item ranges, --limit does not apply."""
+    parser.add_argument("--target-halfwidth", type=finite_float, default=None,
+                        help="item-planned sweep: score --start-items items per task at every grid value, then more "
+                             "items only around the crossing until its 95%% interval is this narrow (in sparsity, "
+                             "each side; e.g. 0.05) or --max-items evaluations are spent")
+    parser.add_argument("--max-items", type=positive_int, default=200_000,
+                        help="item-planned sweep: at most this many (item, value) evaluations per site, dense included")
+    parser.add_argument("--start-items", type=positive_int, default=100,
+                        help="item-planned sweep: items per task scored at every grid value before planning")
+
+
 def sweep_settings(args, default_grid: list[float]):
     """Validated (sites, tasks, shard, grid, device, dtype, device_map) from the shared flags; prints
     the dtype chosen and why."""
@@ -183,6 +204,17 @@ def sweep_settings(args, default_grid: list[float]):
         validate_rule(args.rule, value, args.power)
     if not 0 < args.threshold <= 1:
         raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if getattr(args, "target_halfwidth", None) is not None:
+        if args.search:
+            raise ValueError("--target-halfwidth plans items over the grid; --search plans values (drop one of them)")
+        if not 0 < args.target_halfwidth < 1:
+            raise ValueError(f"--target-halfwidth is a half-width in sparsity, in (0, 1), got {args.target_halfwidth:g}")
+    if args.stop_below is not None:
+        if args.search:
+            raise ValueError("--stop-below ends a grid sweep early; --search chooses its own values (drop one of them)")
+        if not 0 < args.stop_below < args.threshold:
+            raise ValueError(f"--stop-below must be in (0, --threshold = {args.threshold:g}) so the crossing itself is "
+                             f"never skipped, got {args.stop_below:g}")
     if args.search:
         from common.analysis.search import check_search_settings
 

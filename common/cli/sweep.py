@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.analysis.item_sweep import decided_orderings, run_item_planned
 from common.analysis.report import write_report
 from common.analysis.search import run_search, searched_values
 from common.evaluation.provenance import environment
@@ -26,13 +27,17 @@ def run_sweep(args, lm, spec: SweepSpec, store: ResultStore, shard: tuple[int, i
     """Evaluate this shard's cells (grid or search), then write the report.
 
     Returns the summary, or None when other shards still have cells to evaluate (the report is
-    written by whichever shard finishes last, or by re-running any shard).
+    written by whichever shard finishes last, or by re-running any shard) and for the item-planned
+    sweep (``--target-halfwidth``), which writes and prints its own summary.
     """
     output = store.root
     manager = task_manager(include_defaults=not all(is_offline_task(t) for t in spec.tasks))
     runner = SweepRunner(lm, spec, store, manager, shard)
     extra = dict(extra or {})
     values = None  # the grid's values for every site
+    if getattr(args, "target_halfwidth", None) is not None:
+        run_item_planned_sweep(args, runner, output, shard)
+        return None
     if args.search:
         extra["search"] = run_search(runner, args.threshold, args.resolution, args.budget, ppl_percent,
                                      args.bootstrap or 1000)
@@ -69,6 +74,10 @@ def print_summary(summary: dict, ppl_percent: float) -> None:
         if ppl:
             line += f"; PPL-{ppl_percent:g}% criterion grid={ppl[0]['grid']:.3f}"
         print(line)
+        stop = entry.get("early_stop")
+        if stop:
+            print(f"{'':>12}  grid ended after value {stop['last_value']:g} ({stop['rule']}); not evaluated: "
+                  f"{', '.join(f'{v:g}' for v in stop['skipped_values'])}")
     for search in summary.get("search", []):
         found = [(f"{search['site']:>12}: search", search)]
         found += [(f"{'':>12}  PPL-{ppl_percent:g}% on {task}", part) for task, part in search.get("ppl", {}).items()]
@@ -78,3 +87,23 @@ def print_summary(summary: dict, ppl_percent: float) -> None:
                   f"stopped: {part['stopped']} after {part['values_evaluated']} values "
                   f"({', '.join(f'{v:g}' for v in part['order'])})")
         print(f"{'':>12}  {search['cells_evaluated']} new cells")
+
+
+def run_item_planned_sweep(args, runner: SweepRunner, output: Path, shard: tuple[int, int]) -> dict:
+    """The item-planned sweep of this shard's sites; writes item_plan[_shard K of N].json and prints
+    per site the crossing, its interval, why it stopped and the items used."""
+    plans = run_item_planned(runner, args.target_halfwidth, args.max_items, args.start_items, args.threshold)
+    name = "item_plan.json" if shard[1] == 1 else f"item_plan_shard{shard[0] + 1}of{shard[1]}.json"
+    summary = {"spec": runner.spec.as_dict(), "sites": plans, "orderings": decided_orderings(plans),
+               "provenance": runner.store.provenance}
+    atomic_write_json(output / name, summary)
+    for plan in plans:
+        low, high = plan["plan"]["interval"]
+        used = plan["plan"]["items_used"]
+        print(f"{plan['site']:>12}: crossing={plan['plan']['crossing']:.3f} [{low:.3f}, {high:.3f}] "
+              f"({plan['stopped']}: {plan['reason']}); {plan['plan']['total_items']} evaluations; items per "
+              "threshold: " + ", ".join(f"{value}: {sum(tasks.values())}" for value, tasks in used.items()))
+    for ordering in summary["orderings"]:
+        print(f"{' vs '.join(ordering['sites'])}: {ordering['verdict']}")
+    print(f"results: {output / name}")
+    return summary

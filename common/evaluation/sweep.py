@@ -42,13 +42,23 @@ class SweepSpec:
     metric: str | None = None  # None: each task's primary metric (common.evaluation.tasks.PRIMARY_METRIC)
     dtype: str = "float32"  # part of every key: one store never mixes precisions
     device_type: str = "cpu"
+    # Early stop of the grid (None: the full grid): a site's remaining (lower) values are skipped once
+    # its task-average normalized score has stayed below ``stop_below`` for ``stop_after`` values in a
+    # row. Not part of the key: a skipped cell is simply never evaluated.
+    stop_below: float | None = None
+    stop_after: int = 2
 
-    def key(self, site: str, value: float, task: str) -> dict:
+    def key(self, site: str, value: float, task: str, items: tuple[int, int] | None = None) -> dict:
+        """A cell's key; ``items`` = (start, stop): the cell holds exactly those items of the task
+        (item-planned sweeps, whose cells ignore ``limit``), else the first ``limit`` items."""
         dense = site == DENSE
-        return {"model": self.model, "site": site, "rule": "none" if dense else self.rule,
-                "power": 1.0 if dense else float(self.power), "value": 1.0 if dense else round(float(value), 6),
-                "task": task, "limit": self.limit, "layers": None if dense else self.layers,
-                "dtype": self.dtype, "device_type": self.device_type}
+        key = {"model": self.model, "site": site, "rule": "none" if dense else self.rule,
+               "power": 1.0 if dense else float(self.power), "value": 1.0 if dense else round(float(value), 6),
+               "task": task, "limit": None if items else self.limit, "layers": None if dense else self.layers,
+               "dtype": self.dtype, "device_type": self.device_type}
+        if items is not None:
+            key["items"] = [int(items[0]), int(items[1])]
+        return key
 
     def matches(self) -> dict:
         """The key fields shared by every cell of this sweep (to select them in a store)."""
@@ -84,6 +94,54 @@ def _items_from_samples(samples: list[dict], task: str) -> list[dict]:
     return items
 
 
+def grid_values(spec: SweepSpec) -> list[float]:
+    """The grid's values, highest (densest) first: the order the early stop walks them in."""
+    return sorted(set(spec.grid), reverse=True)
+
+
+def task_average(store: ResultStore, spec: SweepSpec, site: str, value: float) -> float | None:
+    """Task-average normalized score (mean over scoring tasks of sparse / dense primary metric) of
+    one grid value from the store; None while a cell it needs is missing. Tasks whose dense score
+    is 0 are left out, as in the report."""
+    ratios = []
+    for task in spec.tasks:
+        if task in PERPLEXITY_TASKS:
+            continue
+        dense, sparse = store.get(spec.key(DENSE, 1.0, task)), store.get(spec.key(site, value, task))
+        if dense is None or sparse is None:
+            return None
+        metric = spec.metric_for(task)
+        if dense["metrics"][metric]:
+            ratios.append(sparse["metrics"][metric] / dense["metrics"][metric])
+    return float(np.mean(ratios)) if ratios else None
+
+
+def stop_point(values: list[float], average, stop_below: float, stop_after: int) -> dict | None:
+    """The early-stop rule on a curve walked densest value first: where the task-average normalized
+    score (``average(value)``, None while unknown) has stayed below ``stop_below`` for ``stop_after``
+    values in a row; None while it has not (or a value it needs is unknown)."""
+    below = []
+    for position, value in enumerate(values):
+        score = average(value)
+        if score is None:
+            return None
+        below = below + [(value, score)] if score < stop_below else []
+        if len(below) >= stop_after:
+            return {"last_value": value, "skipped_values": values[position + 1:],
+                    "below": [{"value": v, "task_average": a} for v, a in below],
+                    "rule": f"task-average normalized score below {stop_below:g} for {stop_after} grid values in a row"}
+    return None
+
+
+def early_stop(store: ResultStore, spec: SweepSpec, site: str) -> dict | None:
+    """Where the early stop ends ``site``'s grid, read from the store: the last value evaluated, the
+    values skipped and the scores that stopped it; None while it has not stopped (or is off)."""
+    if spec.stop_below is None:
+        return None
+    return stop_point(grid_values(spec), lambda value: task_average(store, spec, site, value), spec.stop_below,
+                      spec.stop_after)
+
+
 class SweepRunner:
     """Evaluates cells through a ``SparseHFLM`` and stores them."""
 
@@ -96,17 +154,18 @@ class SweepRunner:
             expand_sites(site)
 
     # ---- one cell -----------------------------------------------------------------------------
-    def cell(self, site: str, value: float, task: str) -> dict:
-        """The cell's result, evaluating it only if the store does not have it yet."""
-        key = self.spec.key(site, value, task)
+    def cell(self, site: str, value: float, task: str, items: tuple[int, int] | None = None) -> dict:
+        """The cell's result, evaluating it only if the store does not have it yet; ``items`` =
+        (start, stop) scores exactly those items of the task (see ``SweepSpec.key``)."""
+        key = self.spec.key(site, value, task, items)
         result = self.store.get(key)
         if result is None:
-            result = self._evaluate(site, value, task)
+            result = self._evaluate(site, value, task, items)
             self.store.put(key, result)
             self.evaluations += 1
         return result
 
-    def _evaluate(self, site: str, value: float, task: str) -> dict:
+    def _evaluate(self, site: str, value: float, task: str, items: tuple[int, int] | None = None) -> dict:
         import lm_eval
 
         if site == DENSE:
@@ -115,9 +174,9 @@ class SweepRunner:
             self.lm.set_sparsification(site, self.spec.rule, value, self.spec.power, self.spec.layers)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         start = time.perf_counter()
+        chosen = {"samples": {task: list(range(*items))}} if items else {"limit": self.spec.limit}
         output = lm_eval.simple_evaluate(model=self.lm, tasks=[task], task_manager=self.task_manager,
-                                         limit=self.spec.limit, log_samples=True, bootstrap_iters=0,
-                                         verbosity="ERROR")
+                                         log_samples=True, bootstrap_iters=0, verbosity="ERROR", **chosen)
         seconds = time.perf_counter() - start
         metrics = {name.split(",")[0]: value for name, value in output["results"][task].items()
                    if isinstance(value, (int, float)) and "stderr" not in name}
@@ -130,10 +189,18 @@ class SweepRunner:
         return result
 
     # ---- grid ----------------------------------------------------------------------------------
+    def planned_values(self, site: str) -> list[float]:
+        """The grid values of ``site`` the sweep evaluates (all of them, or up to the early stop)."""
+        stop = early_stop(self.store, self.spec, site)
+        values = grid_values(self.spec)
+        return values if stop is None else values[:values.index(stop["last_value"]) + 1]
+
     def grid_cells(self, shard: tuple[int, int] | None = None) -> list[tuple[str, float, str]]:
-        """The grid's cells that belong to ``shard`` (default: this runner's shard)."""
+        """The grid's cells that belong to ``shard`` (default: this runner's shard), without those the
+        early stop skipped."""
         cells = [(DENSE, 1.0, task) for task in self.spec.tasks]
-        cells += [(site, value, task) for site in self.spec.sites for value in self.spec.grid for task in self.spec.tasks]
+        cells += [(site, value, task) for site in self.spec.sites for value in self.planned_values(site)
+                  for task in self.spec.tasks]
         return [c for c in cells if in_shard(self.spec.key(*c), shard or self.shard)]
 
     def missing_cells(self) -> dict[int, int]:
@@ -147,12 +214,32 @@ class SweepRunner:
         return missing
 
     def run_grid(self) -> None:
-        cells = self.grid_cells()
-        todo = [c for c in cells if not self.store.has(self.spec.key(*c))]
-        if len(todo) < len(cells) and self.verbose:
-            print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already in {self.store.root}")
-        for site, value, task in tqdm(todo, desc="cells", unit="cell", disable=not self.verbose):
-            self.cell(site, value, task)
+        """Evaluate this shard's grid cells, densest value first per site. With the early stop, a
+        site ends once the store (this shard's and other shards' cells) shows the stop condition;
+        a shard that runs ahead of the others may evaluate a few cells past it."""
+        mine = lambda cells: [c for c in cells if in_shard(self.spec.key(*c), self.shard)]  # noqa: E731
+        dense = mine([(DENSE, 1.0, task) for task in self.spec.tasks])
+        total = len(dense) + sum(len(mine([(s, v, t) for t in self.spec.tasks]))
+                                 for s in self.spec.sites for v in grid_values(self.spec))
+        planned = self.grid_cells()
+        done = sum(self.store.has(self.spec.key(*c)) for c in planned)
+        if done and self.verbose:
+            print(f"resuming: {done} of {len(planned)} cells already in {self.store.root}")
+        with tqdm(total=total, desc="cells", unit="cell", disable=not self.verbose) as progress:
+            for cell in dense:
+                self.cell(*cell)
+                progress.update()
+            for site in self.spec.sites:
+                for value in grid_values(self.spec):
+                    cells = mine([(site, value, task) for task in self.spec.tasks])
+                    stop = early_stop(self.store, self.spec, site)
+                    if stop is not None:
+                        progress.total -= len(cells)
+                        progress.refresh()
+                        continue
+                    for cell in cells:
+                        self.cell(*cell)
+                        progress.update()
 
 
 def perplexity(items: list[dict]) -> float:

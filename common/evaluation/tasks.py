@@ -157,3 +157,11 @@ def resolve_task_names(names: list[str] | None) -> list[str]:
     for name in names or ["offline"]:
         out += [n for n in SUITES.get(name, [name]) if n not in out]
     return out
+
+
+def task_size(name: str, manager) -> int:
+    """Number of evaluation items of a task (the documents lm-eval scores, before any limit)."""
+    from lm_eval.tasks import get_task_dict
+
+    task = get_task_dict([name], manager)[name]
+    return len(list(task.eval_docs))

@@ -290,7 +290,12 @@ def test_dense_sweep_script_bad_input(tmp_path):
     (tmp_path / "a-file").write_text("x")
     for flags, message in [(["--limit", "-1"], "expected 0 or more"), (["--batch-size", "abc"], "invalid --batch-size"),
                            (["--dtype", "float8"], "unknown --dtype"), (["--power", "nan"], "expected a finite"),
-                           (["--output", str(tmp_path / "a-file")], "is a file")] + (
+                           (["--output", str(tmp_path / "a-file")], "is a file"),
+                           (["--target-halfwidth", "0"], "--target-halfwidth is a half-width"),
+                           (["--target-halfwidth", "0.05", "--search"], "--target-halfwidth plans items"),
+                           (["--max-items", "0"], "expected 1 or more"),
+                           (["--stop-below", "0.995"], "--stop-below must be in"),
+                           (["--stop-below", "0.9", "--search"], "--stop-below ends a grid sweep")] + (
             [] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]):
         result = _run(*flags)  # refused before any model is loaded or any cell computed
         assert result.returncode == 2 and message in result.stderr, (flags, result.stderr)

@@ -1,0 +1,198 @@
+"""Item-planned sweep: items spent where the crossing is.
+
+Per site: score the first ``start_items`` items of every scoring task at every grid value (densest
+first, with the grid's early stop when it is on), then ask the item planner
+(``common.analysis.item_planner.plan_items``) which items to add at which thresholds, score exactly
+those, and repeat until the 95% interval of the task-average crossing is at most ±target in
+sparsity, the item budget is spent, or the tasks run out of items. Perplexity tasks are left to
+the grid and the search (their criterion is smooth and needs no item planning).
+
+Every step's items are one store cell per (site, value, task, item range) (``SweepSpec.key`` with
+``items``): an interrupted run resumes and adding items to a threshold scores only the new ones.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from common.analysis.critical import mcnemar_exact
+from common.analysis.item_planner import DENSE as PLANNER_DENSE
+from common.analysis.item_planner import plan_items
+from common.evaluation.sweep import DENSE, grid_values, stop_point
+from common.evaluation.tasks import PERPLEXITY_TASKS, task_size
+
+DEFAULT_START_ITEMS = 100
+
+
+class ItemCells:
+    """The item-range cells of one sweep: which items of each (site, value, task) are scored, and
+    their per-item results as one contiguous prefix."""
+
+    def __init__(self, runner):
+        self.runner, self.spec = runner, runner.spec
+        self.ranges: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+        shared = {"model": self.spec.model, "dtype": self.spec.dtype, "device_type": self.spec.device_type}
+        for key, _ in runner.store.records(**shared):
+            if "items" in key and self._same_sweep(key):
+                self.ranges[(key["site"], key["value"], key["task"])].append(tuple(key["items"]))
+
+    def _same_sweep(self, key: dict) -> bool:
+        if key["site"] == DENSE:
+            return True
+        return (key["rule"], key["power"], key["layers"]) == (self.spec.rule, float(self.spec.power), self.spec.layers)
+
+    def _where(self, site: str, value: float, task: str) -> tuple:
+        return site, 1.0 if site == DENSE else round(float(value), 6), task
+
+    def scored(self, site: str, value: float, task: str) -> int:
+        """How many items (a prefix from item 0) are scored."""
+        stop = 0
+        for start, end in sorted(self.ranges[self._where(site, value, task)]):
+            if start > stop:
+                break
+            stop = max(stop, end)
+        return stop
+
+    def extend(self, site: str, value: float, task: str, stop: int) -> None:
+        """Score items up to ``stop`` (only those not scored yet)."""
+        start = self.scored(site, value, task)
+        if stop > start:
+            self.runner.cell(site, value, task, (start, stop))
+            self.ranges[self._where(site, value, task)].append((start, stop))
+
+    def results(self, site: str, value: float, task: str) -> tuple[list[dict], float | None]:
+        """(per-item records of the scored prefix, element-weighted measured sparsity over it)."""
+        items, kept_weight, counted = [], 0.0, 0
+        stop = self.scored(site, value, task)
+        position = 0
+        for start, end in sorted(self.ranges[self._where(site, value, task)]):
+            if end <= position or start > position or position >= stop:
+                continue
+            result = self.runner.cell(site, value, task, (start, end))
+            items += [item for item in result["items"] if item["doc_id"] >= position]
+            position = end
+            summary = result["sparsity"].get(site)
+            if summary and summary.get("counted"):
+                counted += summary["counted"]
+                kept_weight += summary["counted"] * summary["element_weighted"]
+        return items, (kept_weight / counted if counted else None)
+
+
+def run_item_planned(runner, target_halfwidth: float, max_items: int, start_items: int = DEFAULT_START_ITEMS,
+                     threshold: float = 0.99) -> list[dict]:
+    """The item-planned sweep of this runner's shard of sites (site i goes to shard i mod N)."""
+    count, index = runner.shard[1], runner.shard[0]
+    spec = runner.spec
+    tasks = [t for t in spec.tasks if t not in PERPLEXITY_TASKS]
+    if not tasks:
+        raise ValueError("the item-planned sweep needs at least one multiple-choice task (perplexity tasks are "
+                         "left to the grid and --search)")
+    sizes = {task: task_size(task, runner.task_manager) for task in tasks}
+    cells = ItemCells(runner)
+    sites = [site for position, site in enumerate(spec.sites) if position % count == index]
+    return [plan_site(runner, cells, site, tasks, sizes, target_halfwidth, max_items, start_items, threshold)
+            for site in sites]
+
+
+def plan_site(runner, cells: ItemCells, site: str, tasks: list[str], sizes: dict, target_halfwidth: float,
+              max_items: int, start_items: int, threshold: float) -> dict:
+    spec = runner.spec
+    first = {task: min(start_items, sizes[task]) for task in tasks}
+    for task in tasks:
+        cells.extend(DENSE, 1.0, task, first[task])
+    dense = {task: _scores(cells.results(DENSE, 1.0, task)[0], spec.metric_for(task)) for task in tasks}
+    used = [t for t in tasks if dense[t][: first[t]].mean() > 0]
+    if not used:
+        raise ValueError(f"the dense model scores 0 on every scoring task's first {start_items} items "
+                         f"({', '.join(tasks)}); use more items (--start-items) or other tasks")
+
+    def average(value: float) -> float | None:
+        ratios = []
+        for task in used:
+            sparse = _scores(cells.results(site, value, task)[0], spec.metric_for(task))
+            ratios.append(sparse.mean() / dense[task][: sparse.size].mean())
+        return float(np.mean(ratios))
+
+    values, stop = [], None
+    for value in grid_values(spec):  # the cheap pass: the first items at every value, densest first
+        for task in used:
+            cells.extend(site, value, task, first[task])
+        values.append(value)
+        if spec.stop_below is not None:
+            stop = stop_point(values, average, spec.stop_below, spec.stop_after)
+            if stop is not None:
+                stop["skipped_values"] = grid_values(spec)[len(values):]
+                break
+
+    steps = []
+    while True:
+        dense_scores, sparse_scores, sparsity = _planner_inputs(cells, spec, site, used, values)
+        plan = plan_items(dense_scores, sparse_scores, sparsity, {t: sizes[t] for t in used},
+                          target_halfwidth=target_halfwidth, max_items=max_items, threshold=threshold,
+                          min_items=min(start_items, max(sizes.values())))
+        steps.append({"total_items": plan.total_items, "crossing": plan.crossing, "halfwidth": plan.halfwidth,
+                      "bracket": plan.bracket, "status": plan.status})
+        if runner.verbose:
+            print(f"item plan {site}: crossing {plan.crossing:.3f} ± {plan.halfwidth:.3f} after {plan.total_items} "
+                  f"evaluations; {plan.reason}")
+        if plan.status != "continue":
+            break
+        for request in plan.requests:
+            if request.threshold == PLANNER_DENSE:
+                cells.extend(DENSE, 1.0, request.task, request.stop)
+            else:
+                cells.extend(site, request.threshold, request.task, request.stop)
+
+    out = {"site": site, "tasks": used, "target_halfwidth": target_halfwidth, "max_items": max_items,
+           "start_items": start_items, "threshold": threshold, "plan": plan.as_dict(), "steps": steps,
+           "stopped": plan.status, "reason": plan.reason, "early_stop": stop}
+    if plan.bracket is not None:
+        out["mcnemar"] = _mcnemar(cells, spec, site, used, plan.bracket[0])
+    return out
+
+
+def _scores(items: list[dict], metric: str) -> np.ndarray:
+    return np.array([item[metric] for item in items], dtype=float)
+
+
+def _planner_inputs(cells: ItemCells, spec, site: str, tasks: list[str], values: list[float]):
+    dense = {t: _scores(cells.results(DENSE, 1.0, t)[0], spec.metric_for(t)) for t in tasks}
+    sparse, sparsity = {}, {}
+    for value in values:
+        per_task, measured = {}, []
+        for task in tasks:
+            items, task_sparsity = cells.results(site, value, task)
+            per_task[task] = _scores(items, spec.metric_for(task))
+            measured.append(task_sparsity)
+        sparse[value], sparsity[value] = per_task, float(np.mean(measured))
+    return dense, sparse, sparsity
+
+
+def _mcnemar(cells: ItemCells, spec, site: str, tasks: list[str], value: float) -> dict:
+    """Exact McNemar test of sparse vs dense correctness at ``value``, pooled over the tasks' scored items."""
+    sparse, dense = [], []
+    for task in tasks:
+        scores = _scores(cells.results(site, value, task)[0], spec.metric_for(task))
+        sparse.append(scores)
+        dense.append(_scores(cells.results(DENSE, 1.0, task)[0], spec.metric_for(task))[: scores.size])
+    return {"value": value, **mcnemar_exact(np.concatenate(sparse), np.concatenate(dense))}
+
+
+def decided_orderings(plans: list[dict]) -> list[dict]:
+    """For each pair of sites: which one is sparser at the crossing, decided when the two 95%
+    intervals do not overlap, else undecided."""
+    out = []
+    for i, a in enumerate(plans):
+        for b in plans[i + 1:]:
+            (a_low, a_high), (b_low, b_high) = a["plan"]["interval"], b["plan"]["interval"]
+            if a_low > b_high:
+                verdict = f"{a['site']} sparser"
+            elif b_low > a_high:
+                verdict = f"{b['site']} sparser"
+            else:
+                verdict = "undecided (intervals overlap)"
+            out.append({"sites": [a["site"], b["site"]], "verdict": verdict,
+                        "intervals": {a["site"]: [a_low, a_high], b["site"]: [b_low, b_high]}})
+    return out

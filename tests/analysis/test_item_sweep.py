@@ -1,0 +1,97 @@
+"""The item-planned sweep wired to store cells: item-range cells, resume, budget, where items go."""
+
+import zlib
+
+from common.analysis.item_sweep import ItemCells, decided_orderings, run_item_planned
+from common.evaluation.store import ResultStore
+from common.evaluation.sweep import DENSE, SweepRunner, SweepSpec
+
+TASKS = {"bb_social_iqa": 300, "bb_movie_recommendation": 300}
+GRID = [1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.5, 0.3]
+DROP = {1.0: 0.0, 0.95: 0.0, 0.9: 0.005, 0.85: 0.01, 0.8: 0.03, 0.7: 0.2, 0.5: 0.35, 0.3: 0.5}
+
+
+def _uniform(*parts) -> float:
+    return zlib.crc32(repr(parts).encode()) / 2**32
+
+
+class ItemRunner(SweepRunner):
+    """Per-item results from a known model: an item is right dense with probability 0.6; at value p a
+    right item turns wrong with probability DROP[p]; measured sparsity 1 - p."""
+
+    def __init__(self, spec, store, shard=(0, 1)):
+        super().__init__(lm=None, spec=spec, store=store, task_manager=None, shard=shard, verbose=False)
+        self.evaluated = []
+
+    def _evaluate(self, site, value, task, items=None):
+        assert items is not None, "the item-planned sweep scores item ranges only"
+        self.evaluated.append((site, value, task, tuple(items)))
+        metric = self.spec.metric_for(task)
+        records = []
+        for doc in range(*items):
+            right = _uniform(task, doc) < 0.6
+            if site != DENSE and right and _uniform(task, doc, value) < DROP[value]:
+                right = False
+            records.append({"doc_id": doc, metric: float(right)})
+        sparsity = 0.0 if site == DENSE else 1.0 - value
+        counted = 100 * len(records)
+        return {"metrics": {metric: sum(r[metric] for r in records) / len(records)}, "items": records,
+                "seconds": 0.0, "sparsity": {} if site == DENSE else
+                {site: {"element_weighted": sparsity, "mean_over_layers": sparsity, "counted": counted}}}
+
+
+def _run(monkeypatch, store, max_items, sites=("intermediate",), stop_below=None):
+    monkeypatch.setattr("common.analysis.item_sweep.task_size", lambda task, manager: TASKS[task])
+    spec = SweepSpec(model="synthetic", sites=list(sites), tasks=list(TASKS) + ["fables_ppl"], grid=list(GRID),
+                     stop_below=stop_below)
+    runner = ItemRunner(spec, store)
+    return runner, run_item_planned(runner, target_halfwidth=0.02, max_items=max_items, start_items=50)
+
+
+def _ranges(evaluated):
+    by_cell = {}
+    for site, value, task, items in evaluated:
+        by_cell.setdefault((site, value, task), []).append(items)
+    return by_cell
+
+
+def test_items_go_around_the_crossing_within_the_budget_and_never_twice(monkeypatch, tmp_path):
+    store = ResultStore(tmp_path / "store")
+    runner, [plan] = _run(monkeypatch, store, max_items=3000)
+    assert plan["stopped"] in {"target_reached", "budget_spent", "items_exhausted"}
+    assert plan["plan"]["total_items"] <= 3000 and plan["tasks"] == list(TASKS)  # the perplexity task is left out
+    assert all(task != "fables_ppl" for _, _, task, _ in runner.evaluated)
+    for cell, ranges in _ranges(runner.evaluated).items():  # contiguous ranges from 0, each item scored once
+        assert sorted(ranges)[0][0] == 0 and all(a[1] == b[0] for a, b in zip(sorted(ranges), sorted(ranges)[1:]))
+    used = plan["plan"]["items_used"]
+    low, high = plan["plan"]["bracket"]
+    # the true crossing (99% of dense) lies at p = 0.85; the bracket sits next to it
+    assert low in (0.95, 0.9, 0.85) and high in (0.9, 0.85, 0.8, 0.7) and low > high
+    for value in (1.0, 0.3):  # far from the crossing: only the first 50 items
+        assert all(n == 50 for n in used[value].values()), (value, used[value])
+    assert sum(used[low].values()) > 100 and sum(used[high].values()) > 100
+    assert plan["mcnemar"]["value"] == low and plan["mcnemar"]["items"] == sum(used[low].values())
+
+
+def test_resuming_scores_nothing_and_a_larger_budget_only_new_items(monkeypatch, tmp_path):
+    store = ResultStore(tmp_path / "store")
+    first, [plan] = _run(monkeypatch, store, max_items=2000)
+    again, [same] = _run(monkeypatch, store, max_items=2000)
+    assert again.evaluated == [] and same["plan"]["crossing"] == plan["plan"]["crossing"]
+    more, [bigger] = _run(monkeypatch, store, max_items=4000)
+    assert more.evaluated and bigger["plan"]["total_items"] > plan["plan"]["total_items"]
+    old = _ranges(first.evaluated)
+    for site, value, task, (start, stop) in more.evaluated:  # new cells start where the old ones ended
+        assert start == max((r[1] for r in old.get((site, value, task), [])), default=0)
+    cells = ItemCells(more)
+    assert cells.scored(DENSE, 1.0, "bb_social_iqa") == bigger["plan"]["items_used"]["dense"]["bb_social_iqa"]
+
+
+def test_early_stop_ends_the_cheap_pass_and_orderings_read_the_intervals(monkeypatch, tmp_path):
+    runner, [plan] = _run(monkeypatch, ResultStore(tmp_path / "store"), max_items=1500, stop_below=0.9)
+    assert plan["early_stop"]["last_value"] == 0.5 and plan["early_stop"]["skipped_values"] == [0.3]  # 0.7 and 0.5 below 0.9
+    assert all(value != 0.3 for _, value, _, _ in runner.evaluated)
+    fake = [{"site": "a", "plan": {"interval": [0.6, 0.7]}}, {"site": "b", "plan": {"interval": [0.4, 0.5]}},
+            {"site": "c", "plan": {"interval": [0.45, 0.65]}}]
+    verdicts = [o["verdict"] for o in decided_orderings(fake)]
+    assert verdicts == ["a sparser", "undecided (intervals overlap)", "undecided (intervals overlap)"]

@@ -1,0 +1,89 @@
+"""The grid's early stop: a site ends once its task-average normalized score has stayed below the
+stop level for N grid values in a row; shards agree on where; the report says which values were skipped."""
+
+import pytest
+
+from common.analysis.report import critical_table, tidy_table
+from common.evaluation.store import ResultStore
+from common.evaluation.sweep import DENSE, SweepRunner, SweepSpec, early_stop, task_average
+
+TASKS = ["bb_general_knowledge", "bb_social_iqa"]
+GRID = [1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
+
+
+class CurveRunner(SweepRunner):
+    """Evaluates cells from a known curve instead of a model: normalized score = curve[value] on
+    every task (dense accuracy 0.5 on 10 items), measured sparsity 1 - value."""
+
+    def __init__(self, spec, store, curve, shard=(0, 1)):
+        super().__init__(lm=None, spec=spec, store=store, task_manager=None, shard=shard, verbose=False)
+        self.curve, self.evaluated = curve, []
+
+    def _evaluate(self, site, value, task, items=None):
+        self.evaluated.append((site, value, task))
+        metric = self.spec.metric_for(task)
+        correct = 5 if site == DENSE else round(5 * self.curve[value])
+        items = [{"doc_id": i, metric: float(i < correct), "choice_logliks": [0.0, -1.0], "gold": 0} for i in range(10)]
+        sparsity = 0.0 if site == DENSE else 1.0 - value
+        return {"metrics": {metric: correct / 10}, "items": items, "seconds": 1.0,
+                "sparsity": {} if site == DENSE else {site: {"element_weighted": sparsity, "mean_over_layers": sparsity}}}
+
+
+def _spec(**kwargs):
+    return SweepSpec(model="synthetic", sites=["intermediate"], tasks=TASKS, grid=list(GRID), limit=10, **kwargs)
+
+
+# normalized score per value: one dip below 0.9 that recovers (0.9: 0.8), then two in a row (0.8, 0.7)
+CURVE = {1.0: 1.0, 0.95: 1.0, 0.9: 0.8, 0.85: 1.0, 0.8: 0.8, 0.7: 0.6, 0.6: 0.4, 0.5: 0.2}
+
+
+def test_a_site_stops_after_two_values_in_a_row_below_the_level(tmp_path):
+    store = ResultStore(tmp_path / "store")
+    runner = CurveRunner(_spec(stop_below=0.9, stop_after=2), store, CURVE)
+    runner.run_grid()
+    evaluated = sorted({v for s, v, _ in runner.evaluated if s != DENSE}, reverse=True)
+    assert evaluated == [1.0, 0.95, 0.9, 0.85, 0.8, 0.7]  # the single dip at 0.9 did not stop it
+    stop = early_stop(store, runner.spec, "intermediate")
+    assert stop["last_value"] == 0.7 and stop["skipped_values"] == [0.6, 0.5]
+    assert [b["value"] for b in stop["below"]] == [0.8, 0.7]
+    assert [b["task_average"] for b in stop["below"]] == pytest.approx([0.8, 0.6])
+    assert task_average(store, runner.spec, "intermediate", 0.6) is None  # never evaluated
+    assert runner.missing_cells() == {}
+
+
+def test_stop_after_three_and_no_stop_evaluate_more(tmp_path):
+    three = CurveRunner(_spec(stop_below=0.9, stop_after=3), ResultStore(tmp_path / "three"), CURVE)
+    three.run_grid()
+    assert early_stop(three.store, three.spec, "intermediate")["skipped_values"] == [0.5]
+    full = CurveRunner(_spec(), ResultStore(tmp_path / "full"), CURVE)
+    full.run_grid()
+    assert early_stop(full.store, full.spec, "intermediate") is None
+    assert len({v for s, v, _ in full.evaluated if s != DENSE}) == len(GRID)
+
+
+def test_shards_together_evaluate_exactly_the_unsharded_cells(tmp_path):
+    alone = CurveRunner(_spec(stop_below=0.9), ResultStore(tmp_path / "alone"), CURVE)
+    alone.run_grid()
+    store = ResultStore(tmp_path / "sharded")
+    shards = [CurveRunner(_spec(stop_below=0.9), store, CURVE, shard=(k, 2)) for k in range(2)]
+    for shard in shards:  # one after the other: the second sees the first's cells in the store
+        shard.run_grid()
+    for shard in reversed(shards):  # re-running a shard evaluates nothing new
+        before = len(shard.evaluated)
+        shard.run_grid()
+        assert len(shard.evaluated) == before
+    sharded = sorted(c for shard in shards for c in shard.evaluated)
+    # the first shard cannot see the second's cells while it runs, so it may evaluate past the stop;
+    # every cell the unsharded sweep needs is there, each evaluated once
+    assert set(alone.evaluated) <= set(sharded) and len(sharded) == len(set(sharded))
+    assert shards[0].missing_cells() == {}
+    assert early_stop(store, shards[0].spec, "intermediate") == early_stop(alone.store, alone.spec, "intermediate")
+
+
+def test_the_report_names_the_skipped_values(tmp_path):
+    runner = CurveRunner(_spec(stop_below=0.9), ResultStore(tmp_path / "store"), CURVE)
+    runner.run_grid()
+    frame = tidy_table(runner.store, runner.spec, iterations=20)
+    [entry] = critical_table(runner.store, runner.spec, frame, iterations=20)
+    assert entry["early_stop"]["skipped_values"] == [0.6, 0.5]
+    assert sorted(frame.value.unique(), reverse=True) == [1.0, 0.95, 0.9, 0.85, 0.8, 0.7]
