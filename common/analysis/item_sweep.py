@@ -27,16 +27,21 @@ DEFAULT_START_ITEMS = 100
 
 
 class ItemCells:
-    """The item-range cells of one sweep: which items of each (site, value, task) are scored, and
-    their per-item results as one contiguous prefix."""
+    """The scored items of one sweep in a store, per (site, value, task) as one contiguous prefix.
+
+    Item-range cells (``SweepSpec.key`` with ``items``) and the grid's own cells (the first
+    ``limit`` items, or all of them) both count, so planning on a folder that already holds a grid
+    starts from every item the grid scored."""
 
     def __init__(self, runner):
         self.runner, self.spec = runner, runner.spec
-        self.ranges: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+        self.ranges: dict[tuple, list[tuple[int, int, dict]]] = defaultdict(list)
         shared = {"model": self.spec.model, "dtype": self.spec.dtype, "device_type": self.spec.device_type}
-        for key, _ in runner.store.records(**shared):
-            if "items" in key and self._same_sweep(key):
-                self.ranges[(key["site"], key["value"], key["task"])].append(tuple(key["items"]))
+        for key, result in runner.store.records(**shared):
+            if not self._same_sweep(key):
+                continue
+            start, stop = key["items"] if "items" in key else (0, len(result["items"]))
+            self.ranges[(key["site"], key["value"], key["task"])].append((start, stop, key))
 
     def _same_sweep(self, key: dict) -> bool:
         if key["site"] == DENSE:
@@ -46,37 +51,41 @@ class ItemCells:
     def _where(self, site: str, value: float, task: str) -> tuple:
         return site, 1.0 if site == DENSE else round(float(value), 6), task
 
+    def _chain(self, site: str, value: float, task: str) -> list[tuple[int, int, dict]]:
+        """The cells that make the longest prefix of items from item 0, in order."""
+        chain, stop = [], 0
+        while True:
+            reaching = [r for r in self.ranges[self._where(site, value, task)] if r[0] <= stop < r[1]]
+            if not reaching:
+                return chain
+            best = max(reaching, key=lambda r: r[1])
+            chain.append((stop, best[1], best[2]))
+            stop = best[1]
+
     def scored(self, site: str, value: float, task: str) -> int:
         """How many items (a prefix from item 0) are scored."""
-        stop = 0
-        for start, end in sorted(self.ranges[self._where(site, value, task)]):
-            if start > stop:
-                break
-            stop = max(stop, end)
-        return stop
+        chain = self._chain(site, value, task)
+        return chain[-1][1] if chain else 0
 
     def extend(self, site: str, value: float, task: str, stop: int) -> None:
         """Score items up to ``stop`` (only those not scored yet)."""
         start = self.scored(site, value, task)
         if stop > start:
             self.runner.cell(site, value, task, (start, stop))
-            self.ranges[self._where(site, value, task)].append((start, stop))
+            self.ranges[self._where(site, value, task)].append(
+                (start, stop, self.spec.key(site, value, task, (start, stop))))
 
     def results(self, site: str, value: float, task: str) -> tuple[list[dict], float | None]:
         """(per-item records of the scored prefix, element-weighted measured sparsity over it)."""
         items, kept_weight, counted = [], 0.0, 0
-        stop = self.scored(site, value, task)
-        position = 0
-        for start, end in sorted(self.ranges[self._where(site, value, task)]):
-            if end <= position or start > position or position >= stop:
-                continue
-            result = self.runner.cell(site, value, task, (start, end))
-            items += [item for item in result["items"] if item["doc_id"] >= position]
-            position = end
+        for start, stop, key in self._chain(site, value, task):
+            result = self.runner.store.get(key)
+            items += [item for item in result["items"] if start <= item["doc_id"] < stop]
             summary = result["sparsity"].get(site)
             if summary and summary.get("counted"):
-                counted += summary["counted"]
-                kept_weight += summary["counted"] * summary["element_weighted"]
+                share = (stop - start) / len(result["items"])  # the part of a longer cell this prefix uses
+                counted += summary["counted"] * share
+                kept_weight += summary["counted"] * share * summary["element_weighted"]
         return items, (kept_weight / counted if counted else None)
 
 

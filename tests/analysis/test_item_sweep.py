@@ -95,3 +95,20 @@ def test_early_stop_ends_the_cheap_pass_and_orderings_read_the_intervals(monkeyp
             {"site": "c", "plan": {"interval": [0.45, 0.65]}}]
     verdicts = [o["verdict"] for o in decided_orderings(fake)]
     assert verdicts == ["a sparser", "undecided (intervals overlap)", "undecided (intervals overlap)"]
+
+
+def test_planning_on_a_grid_folder_starts_from_the_grid_items(monkeypatch, tmp_path):
+    store = ResultStore(tmp_path / "store")
+    monkeypatch.setattr("common.analysis.item_sweep.task_size", lambda task, manager: TASKS[task])
+    spec = SweepSpec(model="synthetic", sites=["intermediate"], tasks=list(TASKS), grid=list(GRID), limit=120)
+    grid = ItemRunner(spec, store)
+    grid._evaluate = lambda site, value, task, items=None: ItemRunner._evaluate(grid, site, value, task, (0, 120))
+    grid.run_grid()  # the grid's cells: the first 120 items, keys without an item range
+    planner = ItemRunner(spec, store)
+    [plan] = run_item_planned(planner, target_halfwidth=0.02, max_items=10 ** 6, start_items=50)
+    cells = ItemCells(planner)
+    assert all(start >= 120 for _, _, _, (start, _) in planner.evaluated)  # nothing the grid scored is redone
+    assert cells.scored("intermediate", 1.0, "bb_social_iqa") == 120
+    assert all(n >= 120 for by_task in plan["plan"]["items_used"].values() for n in by_task.values())
+    items, sparsity = cells.results("intermediate", 0.85, "bb_social_iqa")
+    assert [i["doc_id"] for i in items] == list(range(len(items))) and abs(sparsity - 0.15) < 1e-12
