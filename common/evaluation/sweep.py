@@ -214,32 +214,58 @@ class SweepRunner:
         return missing
 
     def run_grid(self) -> None:
-        """Evaluate this shard's grid cells, densest value first per site. With the early stop, a
-        site ends once the store (this shard's and other shards' cells) shows the stop condition;
-        a shard that runs ahead of the others may evaluate a few cells past it."""
+        """Evaluate this shard's grid cells, densest value first per site.
+
+        With the early stop, a site ends once the store (this shard's and other shards' cells)
+        shows the stop condition. A shard does not run more than ``spec.stop_after`` values ahead
+        of the values every shard has finished for a site while another site still has work it
+        may do (so a faster shard does not sweep a site's whole grid before the slower one has
+        shown where it stops); when no site can advance it goes on anyway, never waiting.
+        """
         mine = lambda cells: [c for c in cells if in_shard(self.spec.key(*c), self.shard)]  # noqa: E731
+        values = grid_values(self.spec)
         dense = mine([(DENSE, 1.0, task) for task in self.spec.tasks])
-        total = len(dense) + sum(len(mine([(s, v, t) for t in self.spec.tasks]))
-                                 for s in self.spec.sites for v in grid_values(self.spec))
+        todo = {site: [mine([(site, value, task) for task in self.spec.tasks]) for value in values]
+                for site in self.spec.sites}
         planned = self.grid_cells()
         done = sum(self.store.has(self.spec.key(*c)) for c in planned)
         if done and self.verbose:
             print(f"resuming: {done} of {len(planned)} cells already in {self.store.root}")
+        total = len(dense) + sum(len(cells) for per_value in todo.values() for cells in per_value)
         with tqdm(total=total, desc="cells", unit="cell", disable=not self.verbose) as progress:
             for cell in dense:
                 self.cell(*cell)
                 progress.update()
-            for site in self.spec.sites:
-                for value in grid_values(self.spec):
-                    cells = mine([(site, value, task) for task in self.spec.tasks])
-                    stop = early_stop(self.store, self.spec, site)
-                    if stop is not None:
-                        progress.total -= len(cells)
+            position = {site: 0 for site in self.spec.sites}
+            while True:
+                open_sites = []
+                for site in self.spec.sites:
+                    if position[site] < len(values) and early_stop(self.store, self.spec, site) is not None:
+                        progress.total -= sum(len(cells) for cells in todo[site][position[site]:])
                         progress.refresh()
-                        continue
-                    for cell in cells:
-                        self.cell(*cell)
-                        progress.update()
+                        position[site] = len(values)
+                    if position[site] < len(values):
+                        open_sites.append(site)
+                if not open_sites:
+                    return
+                ready = [site for site in open_sites if self._finished_values(site) >= position[site] - self.spec.stop_after]
+                site = (ready or open_sites)[0]
+                for cell in todo[site][position[site]]:
+                    self.cell(*cell)
+                    progress.update()
+                position[site] += 1
+
+    def _finished_values(self, site: str) -> int:
+        """How many of the site's grid values, densest first, have every task's cell in the store
+        (all shards); with the early stop off, the ahead-limit does not apply."""
+        if self.spec.stop_below is None:
+            return len(self.spec.grid)
+        count = 0
+        for value in grid_values(self.spec):
+            if not all(self.store.has(self.spec.key(site, value, task)) for task in self.spec.tasks):
+                break
+            count += 1
+        return count
 
 
 def perplexity(items: list[dict]) -> float:

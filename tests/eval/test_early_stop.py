@@ -87,3 +87,18 @@ def test_the_report_names_the_skipped_values(tmp_path):
     [entry] = critical_table(runner.store, runner.spec, frame, iterations=20)
     assert entry["early_stop"]["skipped_values"] == [0.6, 0.5]
     assert sorted(frame.value.unique(), reverse=True) == [1.0, 0.95, 0.9, 0.85, 0.8, 0.7]
+
+
+def test_a_shard_ahead_of_the_others_turns_to_another_site_first(tmp_path):
+    spec = SweepSpec(model="synthetic", sites=["intermediate", "input"], tasks=TASKS, grid=list(GRID), limit=10,
+                     stop_below=0.9, stop_after=2)
+    store = ResultStore(tmp_path / "store")
+    alone = CurveRunner(spec, store, CURVE, shard=(0, 2))  # the other shard has not started
+    alone.run_grid()
+    positions = [GRID.index(value) for site, value, _ in alone.evaluated if site != DENSE]
+    sites = [site for site, _, _ in alone.evaluated if site != DENSE]
+    # no value of either site is finished by both shards, so each site may run two values ahead
+    # (positions 0 to 2) before the shard turns to the other site; then it goes on without waiting
+    early = [i for i, position in enumerate(positions) if position <= 2]
+    assert early == list(range(len(early))) and {sites[i] for i in early} == {"intermediate", "input"}
+    assert len(positions) > len(early)  # and then it went on alone
