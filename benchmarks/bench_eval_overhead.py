@@ -1,7 +1,9 @@
 """Time a sparsified lm-eval evaluation against the dense one, side by side in one process.
 
 Alternates dense and sparse runs (after one warm-up each) on the same items and reports the
-median time ratio per site, in the chosen dtype.
+median time ratio per site, in the chosen dtype: of wall-clock time, and of the process's CPU
+time, which a machine shared with other jobs disturbs much less (time spent waiting for a core
+is not counted).
 
     python benchmarks/bench_eval_overhead.py --model smollm2-135m --task bb_social_iqa --limit 100 --dtype float32
 """
@@ -42,26 +44,28 @@ def main() -> None:
                     shared_context=not args.per_request)
     manager = task_manager()
 
-    def timed(site):
+    def timed(site) -> tuple[float, float]:
+        """(wall-clock s, CPU s) of one evaluation."""
         lm.set_sparsification(site, "topp", args.value)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         lm_eval.simple_evaluate(model=lm, tasks=[args.task], task_manager=manager, limit=args.limit,
                                 bootstrap_iters=0, verbosity="ERROR")
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - start_cpu
 
     for site in [None] + args.sites:
         timed(site)  # warm-up
     print(f"{args.model}, {args.dtype}, {args.task}, {args.limit} items, top-p {args.value}, "
           f"{'per-request' if args.per_request else 'shared-context'} scoring, {torch.get_num_threads()} threads")
-    print("| site | dense s | sparse s | ratio |")
-    print("|---|---|---|---|")
+    print("| site | dense s | sparse s | ratio | dense CPU s | sparse CPU s | CPU ratio |")
+    print("|---|---|---|---|---|---|---|")
     for site in args.sites:
         dense, sparse = [], []
         for _ in range(args.repeats):
             dense.append(timed(None))
             sparse.append(timed(site))
-        d, s = statistics.median(dense), statistics.median(sparse)
-        print(f"| {site} | {d:.2f} | {s:.2f} | {s / d:.2f}x |")
+        d, s = (statistics.median(t[0] for t in runs) for runs in (dense, sparse))
+        dc, sc = (statistics.median(t[1] for t in runs) for runs in (dense, sparse))
+        print(f"| {site} | {d:.2f} | {s:.2f} | {s / d:.2f}x | {dc:.2f} | {sc:.2f} | {sc / dc:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

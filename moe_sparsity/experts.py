@@ -31,7 +31,7 @@ from transformers.integrations.moe import (
 
 from common.core.hooks import ModelHooks
 from common.core.recorder import SparsityRecorder
-from common.core.rules import keep_mask, validate_rule, zero_outside
+from common.core.rules import keep_threshold, validate_rule, zero_below
 from common.core.sites import detect_architecture, expand_sites, layer_list_path, resolve_layers
 
 from .counting import expert_totals
@@ -87,10 +87,10 @@ class _ExpertState:
         owner = self.owner
         if site not in owner.sites:
             return tensor
-        mask = keep_mask(tensor, owner.rule, owner.value, owner.power)
-        slots, selected = rows.to_slots(mask.sum(dim=-1))
+        sparse, kept = zero_below(tensor, *keep_threshold(tensor, owner.rule, owner.value, owner.power))
+        slots, selected = rows.to_slots(kept)
         owner._report(self.layer, site, slots, selected, rows.top_k_index, tensor.shape[-1])
-        return zero_outside(tensor, mask)
+        return sparse
 
     def apply_gate(self, module: nn.Module, gate_up_out: torch.Tensor, rows=None) -> torch.Tensor:
         """act(gate) * up, as transformers' default gate, with the rule at up, gate, intermediate."""
@@ -233,10 +233,9 @@ class ExpertSparsifier(ModelHooks):
         self._valid = self.recorder.valid_for(hidden_states) if self.recorder.enabled else None
         if "input" not in self.sites:
             return None
-        mask = keep_mask(hidden_states, self.rule, self.value, self.power)
-        kept = mask.sum(dim=-1, keepdim=True).expand(top_k_index.shape)
-        self._report(layer, "input", kept, None, top_k_index, hidden_states.shape[-1])
-        sparse = zero_outside(hidden_states, mask)
+        sparse, kept = zero_below(hidden_states, *keep_threshold(hidden_states, self.rule, self.value, self.power))
+        self._report(layer, "input", kept.unsqueeze(-1).expand(top_k_index.shape), None, top_k_index,
+                     hidden_states.shape[-1])
         if args:
             return (sparse,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": sparse}

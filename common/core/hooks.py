@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from common.core.recorder import SparsityRecorder
-from common.core.rules import keep_mask, validate_rule, zero_outside
+from common.core.rules import keep_threshold, validate_rule, zero_below
 from common.core.sites import site_module_names
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 spells it ``cache``
@@ -169,9 +169,12 @@ class Sparsifier(SiteHooks):
         self.rule, self.value, self.power = rule, float(value), float(power)
 
     def transform(self, layer: int, site: str, tensor: torch.Tensor) -> torch.Tensor:
-        mask = keep_mask(tensor, self.rule, self.value, self.power)
-        self.recorder.record(layer, site, tensor, mask)
-        return zero_outside(tensor, mask)
+        a, threshold = keep_threshold(tensor, self.rule, self.value, self.power)
+        sparse, kept = zero_below(tensor, a, threshold)
+        # The boolean mask only for observers: the counts come with the zeroing.
+        mask = (a >= threshold).reshape(tensor.shape) if self.recorder.enabled and self.recorder.observers else None
+        self.recorder.record(layer, site, tensor, mask, kept=kept)
+        return sparse
 
 
 class ActivationCapture(SiteHooks):

@@ -126,22 +126,27 @@ class SparsityRecorder:
         )
 
     def record(self, layer: int, site: str, tensor: torch.Tensor, mask: torch.Tensor | None,
-               valid: torch.Tensor | None = None, **extra) -> None:
-        """Count ``mask`` (True = kept) over real tokens and hand everything to the observers."""
+               valid: torch.Tensor | None = None, kept: torch.Tensor | None = None, **extra) -> None:
+        """Count kept entries over real tokens and hand everything to the observers.
+
+        ``kept`` [...] is the kept count per token, when the caller has it (``zero_below`` counts
+        while it zeroes); otherwise it is counted from ``mask`` [..., D] (True = kept, None in
+        capture mode). Counting per token and then over the real tokens reads the mask once.
+        """
         if not self.enabled:
             return
         if valid is None:
             valid = self.valid_for(tensor)
         context = {**self._context, **extra} if extra else self._context
-        if mask is not None:
-            width = mask.shape[-1]
+        if kept is None and mask is not None:
+            kept = mask.sum(dim=-1, dtype=torch.int32)
+        if kept is not None:
+            width = tensor.shape[-1]
             if valid is None:
-                kept = mask.sum()
-                counted = torch.tensor(mask.numel(), device=mask.device)
+                self.add_counts(layer, site, kept.sum(), torch.tensor(kept.numel() * width, device=kept.device),
+                                context)
             else:
-                kept = (mask & valid.unsqueeze(-1)).sum()
-                counted = valid.sum() * width
-            self.add_counts(layer, site, kept, counted, context)
+                self.add_counts(layer, site, (kept * valid).sum(), valid.sum() * width, context)
         for observer in self.observers:
             observer.observe(layer, site, dict(context), tensor, mask, valid)
 

@@ -14,20 +14,25 @@ sort costs more than the FFN layer itself:
 
 * 16-bit activations (bfloat16, float16: the usual inference dtypes): a radix select on the
   bit patterns (non-negative floats order like their integer bits), two histogram passes of
-  float64 sums per row;
-* float32: the same two passes on the top 16 bits, then a sort of only the few entries in the
-  threshold's bucket;
+  bucket sums per row (exact in float32 at these dtypes);
+* float32: the same two passes on the top 16 bits (float64 sums), then a sort of only the few
+  entries in the threshold's bucket;
 * wide float64 rows: a bracketed search that sorts only a strided sample and the few entries
   near the threshold.
 
 All prove per row that their float64 sums, added in another order, cannot round to another
 decision than the sequential cumulative sum would; rows where that proof fails are
 recomputed with the full sort.
+
+Every rule is a threshold per row (``rule_threshold``): keep ``a >= threshold``. The hooks
+apply it with ``zero_below``, which zeroes and counts on the bit patterns in a few integer
+passes, without a boolean mask.
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -39,6 +44,7 @@ _F64_UNIT = 2.0 ** -53
 # The bracketed top-p pays off only on wide rows; below this the full sort is as cheap.
 _BRACKET_MIN_WIDTH = 1024
 _CHUNK_ELEMENTS = 1 << 20
+_MAX_CHUNK_ROWS = 1 << 15  # the radix select ranks entries by ``row << 15`` in int32
 
 
 def _plain_number(value, name: str) -> float:
@@ -89,8 +95,8 @@ def topp_threshold_reference(a: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _first_index_at_least(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Index of the first entry >= target per row of a non-decreasing [N, M] tensor (M if none)."""
-    return torch.searchsorted(values, target, right=False)
+    """Index (int32) of the first entry >= target per row of a non-decreasing [N, M] tensor (M if none)."""
+    return torch.searchsorted(values, target, right=False, out_int32=True)
 
 
 def _topp_threshold_bracketed(a: torch.Tensor, p: float) -> torch.Tensor:
@@ -127,15 +133,14 @@ def _topp_threshold_bracketed(a: torch.Tensor, p: float) -> torch.Tensor:
     total = a64.sum(dim=-1, keepdim=True)
     sum_above = (a64 * above).sum(dim=-1, keepdim=True)  # a product: torch.where is slow on CPU
 
-    counts = inside.sum(dim=-1)
-    width_inside = int(counts.max()) if n_rows else 0
+    width_inside = int(inside.sum(dim=-1, dtype=torch.int32).max()) if n_rows else 0
     if width_inside == 0 or width_inside > width // 2:
         return topp_threshold_reference(a, p)
-    return _threshold_among_candidates(a, p, inside, counts, sum_above, total)
+    return _threshold_among_candidates(a, p, inside, sum_above, total)
 
 
-def _threshold_among_candidates(a: torch.Tensor, p: float, inside: torch.Tensor, counts: torch.Tensor,
-                                sum_above: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+def _threshold_among_candidates(a: torch.Tensor, p: float, inside: torch.Tensor, sum_above: torch.Tensor,
+                                total: torch.Tensor) -> torch.Tensor:
     """The exact threshold of each row when it lies among the ``inside`` entries [N, D].
 
     ``sum_above`` [N, 1] is the float64 sum of the entries above every inside entry, ``total``
@@ -146,8 +151,9 @@ def _threshold_among_candidates(a: torch.Tensor, p: float, inside: torch.Tensor,
     float64 cumsum; other rows (and non-finite ones) are recomputed with the reference.
     """
     n_rows, width = a.shape
-    width_inside = max(int(counts.max()), 1)
     row, col = inside.nonzero(as_tuple=True)
+    counts = torch.bincount(row, minlength=n_rows)  # from the few inside entries, not another pass
+    width_inside = max(int(counts.max()), 1)
     slot = torch.arange(row.numel(), device=a.device) - (counts.cumsum(0) - counts)[row]
     packed = torch.zeros(n_rows, width_inside, dtype=a.dtype, device=a.device)
     packed[row, slot] = a[row, col]
@@ -160,7 +166,8 @@ def _threshold_among_candidates(a: torch.Tensor, p: float, inside: torch.Tensor,
     t_lo = packed.gather(-1, j_lo.clamp_max(width_inside - 1))
     t_hi = packed.gather(-1, j_hi.clamp_max(width_inside - 1))
     last_slot = (counts - 1).clamp_min(0).unsqueeze(-1)
-    ok = (sum_above < target - margin) & (j_hi <= last_slot) & (t_lo == t_hi) & torch.isfinite(total)
+    # target - margin is NaN for a non-finite total, so such rows are never ok.
+    ok = (sum_above < target - margin) & (j_hi <= last_slot) & (t_lo == t_hi)
     threshold = t_hi
     if not bool(ok.all()):
         bad = ~ok.squeeze(-1)
@@ -169,41 +176,77 @@ def _threshold_among_candidates(a: torch.Tensor, p: float, inside: torch.Tensor,
     return threshold
 
 
-# Bits of the non-negative 16-bit float patterns resolved per radix pass, from the top.
-_RADIX_LEVELS = (8, 7)
+def _reach(at_least: torch.Tensor, sums: torch.Tensor, target: torch.Tensor):
+    """The first bucket where ``at_least`` [N, B] (non-decreasing float64 running sums over buckets
+    in descending key order) reaches ``target`` [N, 1] (the last if none does): its position
+    [N, 1] and the float64 sums of the entries above it and of those at or above it (``sums``
+    [N, B]: the buckets' own sums)."""
+    position = _first_index_at_least(at_least, target).clamp_max_(sums.shape[-1] - 1)
+    at_or_above = at_least.gather(-1, position)
+    return position, at_or_above - sums.gather(-1, position).double(), at_or_above
 
 
-def _radix_select(keys: torch.Tensor, a64: torch.Tensor, p: float):
-    """Radix passes over 15-bit order keys [N, D] (int32, monotone in the values ``a64``).
+_SPREAD = 16  # bins that the entries outside the second pass's bucket cycle through, per side
 
-    Each pass sums the entries per bucket of the next bits of the key (float64 ``bincount``;
-    entries outside the prefix chosen so far land in a bucket below or above it, never read),
-    picks the highest bucket where the running sum of entries ``>=`` it reaches ``p * total``,
-    and narrows the prefix. Returns the key prefix of the threshold [N, 1], the sums of the
-    entries above it and in it, and the row totals.
+
+@lru_cache(maxsize=256)
+def _row_offsets(n_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row constants [N, 1] (int32) of ``_radix_select``, made once per row count: they would
+    cost several small operations on every call (never modify them in place)."""
+    row = torch.arange(n_rows, device=device, dtype=torch.int32).unsqueeze(-1)
+    return row << 15, (row << 15) | 0x7FFF, (row << 8) + _SPREAD
+
+
+@lru_cache(maxsize=64)
+def _outside_bins(width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column clamp bounds [1, D] (int32) of ``_radix_select``'s second pass: the entries
+    below / above the chosen bucket land in one of ``_SPREAD`` bins on each side, by column,
+    not all in one. bincount adds in a plain loop, and consecutive additions to the same bin
+    wait on each other: with most entries outside the bucket, one bin per side makes the pass
+    about twice as slow."""
+    spread = torch.arange(width, device=device, dtype=torch.int32).unsqueeze(0) % _SPREAD
+    return -1 - spread, 128 + spread
+
+
+def _radix_select(keys: torch.Tensor, values: torch.Tensor, p: float):
+    """Two radix passes over 15-bit order keys [N, D] (monotone in ``values`` [N, D]).
+
+    ``keys`` (int32, N < 2^16) must be a fresh tensor: it is overwritten with each entry's rank
+    ``(row << 15) + (0x7FFF - key)``, which gives every row its own range (one bincount serves
+    all rows) and puts the buckets in descending key order (the running sums of entries ``>=``
+    a bucket are then plain cumulative sums). Each pass sums the entries per bucket
+    (``bincount``, accumulating in the dtype of ``values``: float64, or float32 where that is
+    exact, see ``_topp_threshold_radix``) and picks the highest bucket where the running float64
+    sum reaches ``p * total``: first by the top 8 bits (256 bins per row), then by the low 7 bits
+    inside that bucket (bins 16..143 of the row's 256; the entries above / below the bucket land
+    in the bins around them, never read, see ``_outside_bins``). Temporaries are updated in
+    place (on CPU a fresh [N, D] buffer costs about as much as the operation writing it) and the
+    per-row bookkeeping is kept to a few operations: the hooks run this on every layer. Returns
+    the threshold's rank (as in ``keys``) [N, 1], the float64 sums of the entries above it and
+    at or above it, and the row totals.
     """
     n_rows = keys.shape[0]
-    row = torch.arange(n_rows, device=keys.device, dtype=torch.int32).unsqueeze(-1)
-    prefix = torch.zeros_like(row)
-    total = target = sum_above = bucket_sum = None
-    shift = sum(_RADIX_LEVELS)
-    for bits in _RADIX_LEVELS:
-        shift -= bits
-        n_buckets = 1 << bits
-        first = row * (n_buckets + 2)  # this row's bins: below, the n_buckets under the prefix, above
-        index = ((keys >> shift) + (first + 1 - (prefix << bits))).clamp_(first, first + n_buckets + 1)
-        sums = torch.bincount(index.reshape(-1), weights=a64.reshape(-1),
-                              minlength=n_rows * (n_buckets + 2)).view(n_rows, n_buckets + 2)
-        if total is None:
-            total = sums.sum(dim=-1, keepdim=True)
-            target, sum_above = p * total, torch.zeros_like(total)
-        sums = sums[:, 1:n_buckets + 1]
-        at_least = sums.flip(-1).cumsum(-1).flip(-1) + sum_above  # sum of entries in buckets >= b
-        chosen = ((at_least >= target).sum(dim=-1, keepdim=True) - 1).clamp_min(0)  # at_least is non-increasing
-        bucket_sum = sums.gather(-1, chosen)
-        sum_above = at_least.gather(-1, chosen) - bucket_sum
-        prefix = (prefix << bits) | chosen.to(torch.int32)
-    return prefix, sum_above, bucket_sum, total
+    row_keys, rank_base, bin_base = _row_offsets(n_rows, keys.device)
+    rank = torch.sub(rank_base, keys, out=keys)
+    weights = values.reshape(-1)
+    index = rank >> 7  # row * 256 + the bucket's position from the top
+    flat_index = index.view(-1)
+    sums = torch.bincount(flat_index, weights=weights, minlength=n_rows << 8).view(n_rows, 256)
+    at_least = sums.cumsum(-1, dtype=torch.float64)  # [j]: the sum of the entries in the j + 1 highest buckets
+    total = at_least[:, -1:]
+    target = p * total
+    high, sum_above, _ = _reach(at_least, sums, target)
+    first = row_keys | (high << 7)  # the rank of the chosen bucket's highest key
+    below, above = _outside_bins(keys.shape[-1], keys.device)
+    torch.sub(rank, first, out=index).clamp_(below, above).add_(bin_base)  # the bucket's keys -> bins 16..143
+    sums = torch.bincount(flat_index, weights=weights, minlength=n_rows << 8).view(n_rows, 256)
+    sums = sums[:, _SPREAD:_SPREAD + 128]
+    at_least = sums.cumsum(-1, dtype=torch.float64).add_(sum_above)
+    low, sum_above, at_or_above = _reach(at_least, sums, target)
+    return first + low, sum_above, at_or_above, total
+
+
+_SIGNIFICANT_BITS = {torch.bfloat16: 8, torch.float16: 11}  # with the implicit leading bit
 
 
 def _topp_threshold_radix(a: torch.Tensor, p: float) -> torch.Tensor:
@@ -211,21 +254,22 @@ def _topp_threshold_radix(a: torch.Tensor, p: float) -> torch.Tensor:
 
     Non-negative floats order like their bit patterns, and the threshold is the largest value
     ``v`` whose sum of entries ``>= v`` reaches ``p * total``; two radix passes
-    (``_radix_select``) resolve all 15 bits. A row is accepted only if the sums of entries
-    ``> v`` and ``>= v`` lie outside the rounding margin of the target (so the sequential
-    float64 cumsum decides the same); other rows (and non-finite ones) are recomputed with the
-    reference.
+    (``_radix_select``) resolve all 15 bits. Their bucket sums are exact in float32 (half the
+    memory of float64, and a faster bincount): a bucket's entries are multiples of its smallest
+    step with at most ``s`` significant bits (8 for bfloat16, 11 for float16), so up to
+    ``2^(24 - s)`` of them add up without rounding. A row is accepted only if the sums of
+    entries ``> v`` and ``>= v`` lie outside the rounding margin of the target (so the
+    sequential float64 cumsum decides the same); other rows (non-finite and all-zero ones
+    included) are recomputed with the reference.
     """
     width = a.shape[-1]
-    prefix, sum_above, bucket_sum, total = _radix_select(a.view(torch.int16).to(torch.int32), a.double(), p)
-    threshold = prefix.to(torch.int16).view(a.dtype)
+    values = a.float() if width <= 2 ** (24 - _SIGNIFICANT_BITS[a.dtype]) else a.double()
+    rank, sum_above, at_or_above, total = _radix_select(a.view(torch.int16).to(torch.int32), values, p)
+    threshold = (0x7FFF - (rank & 0x7FFF)).to(torch.int16).view(a.dtype)  # the key back from its rank
     target = p * total
-    margin = 4.0 * width * _F64_UNIT * total
-    ok = (sum_above < target - margin) & (sum_above + bucket_sum >= target + margin) & torch.isfinite(total)
-    zero_rows = total == 0  # the reference keeps everything: threshold 0
-    if bool(zero_rows.any()):
-        threshold = torch.where(zero_rows, torch.zeros_like(threshold), threshold)
-        ok = ok | zero_rows
+    margin = total * (4.0 * width * _F64_UNIT)
+    # target - margin is NaN for a non-finite total, so such rows are never ok.
+    ok = (sum_above < target - margin) & (at_or_above >= target + margin)
     if not bool(ok.all()):
         bad = ~ok.squeeze(-1)
         threshold = threshold.clone()
@@ -243,10 +287,9 @@ def _topp_threshold_radix32(a: torch.Tensor, p: float) -> torch.Tensor:
     within the rounding margin of the target carries the same value (as in the bracketed
     search), other rows are recomputed with the reference.
     """
-    high = a.view(torch.int32) >> 16
-    prefix, sum_above, _, total = _radix_select(high, a.double(), p)
-    inside = high == prefix
-    return _threshold_among_candidates(a, p, inside, inside.sum(dim=-1), sum_above, total)
+    keys = a.view(torch.int32) >> 16  # the top 15 value bits; _radix_select turns them into ranks in place
+    rank, sum_above, _, total = _radix_select(keys, a.double(), p)
+    return _threshold_among_candidates(a, p, keys == rank, sum_above, total)
 
 
 def _topp_threshold_full(a: torch.Tensor) -> torch.Tensor:
@@ -272,7 +315,7 @@ def _topp_threshold_full(a: torch.Tensor) -> torch.Tensor:
 
 def _in_row_chunks(threshold_fn, a: torch.Tensor, p: float) -> torch.Tensor:
     """Row chunks keep the working set (float64 copies, histograms) small and in cache."""
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // a.shape[-1])
+    rows_per_chunk = max(1, min(_CHUNK_ELEMENTS // a.shape[-1], _MAX_CHUNK_ROWS))
     if a.shape[0] <= rows_per_chunk:
         return threshold_fn(a, p)
     return torch.cat([threshold_fn(chunk, p) for chunk in a.split(rows_per_chunk)])
@@ -294,40 +337,67 @@ def topp_threshold(a: torch.Tensor, p: float) -> torch.Tensor:
     return topp_threshold_reference(a, p)
 
 
-def keep_mask(x: torch.Tensor, rule: str = "topp", value: float = 1.0, power: float = 1.0) -> torch.Tensor:
-    """Boolean mask (True = kept) per token over the last dimension of ``x`` [..., D]."""
+def rule_threshold(a: torch.Tensor, rule: str, value: float) -> torch.Tensor:
+    """The per-row threshold [N, 1] of a rule over magnitudes ``a`` [N, D]: keep ``a >= threshold``."""
+    if rule == "topp":
+        return topp_threshold(a, value)
+    if rule == "maxp":
+        return value * a.amax(dim=-1, keepdim=True)  # the product in the input dtype
+    k = max(int(a.shape[-1] * value), 1)
+    return torch.topk(a, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+
+
+def keep_threshold(x: torch.Tensor, rule: str = "topp", value: float = 1.0,
+                   power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The magnitudes ``a = |x| ** power`` as rows [N, D] of ``x`` [..., D] and the rule's threshold
+    per row [N, 1]: the keep-mask is ``a >= threshold`` (``keep_mask``; ``zero_below`` applies it)."""
     validate_rule(rule, value, power)
     _validate_tensor(x)
-    value = float(value)
-    shape = x.shape
-    rows = x.reshape(-1, shape[-1])
-    if rule == "topp":
-        a = magnitudes(rows, power)
-        mask = a >= topp_threshold(a, value)
-    elif rule == "maxp":
-        a = rows.abs()
-        mask = a >= value * a.amax(dim=-1, keepdim=True)
+    a = magnitudes(x.reshape(-1, x.shape[-1]), power)
+    return a, rule_threshold(a, rule, float(value))
+
+
+def keep_mask(x: torch.Tensor, rule: str = "topp", value: float = 1.0, power: float = 1.0) -> torch.Tensor:
+    """Boolean mask (True = kept) per token over the last dimension of ``x`` [..., D]."""
+    a, threshold = keep_threshold(x, rule, value, power)
+    return (a >= threshold).reshape(x.shape)
+
+
+# Per float dtype: the signed integer as wide, the shift that spreads its sign bit, and +inf's bits.
+_SAME_WIDTH_INT = {dtype: (ints, torch.iinfo(ints).bits - 1, int(torch.tensor(math.inf, dtype=dtype).view(ints)))
+                   for dtype, ints in ((torch.float16, torch.int16), (torch.bfloat16, torch.int16),
+                                       (torch.float32, torch.int32), (torch.float64, torch.int64))}
+
+
+def zero_below(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [..., D] with the entries outside the keep-mask ``a >= threshold`` (``a`` [N, D] and
+    ``threshold`` [N, 1] from ``keep_threshold``) set to zero, exactly ``x.masked_fill(~mask, 0)``,
+    and the kept count per token [...] (int32), from one pass over the mask.
+
+    On CPU, boolean masks, masked_fill and torch.where are several times slower than integer
+    arithmetic, so when ``a`` is finite the mask is built on the bit patterns: non-negative
+    floats order like their bits, so ``(bits(threshold) - 1 - bits(a)) >> (width - 1)`` is all
+    ones for kept entries and 0 otherwise (no overflow: both are below the bits of +inf), and
+    ``bits(x) & it`` is ``x`` or +0. Tensors with infinite or NaN magnitudes take the boolean
+    mask, and so do other devices (the finiteness check would synchronize them) and inputs that
+    need a gradient (bit operations have none).
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    ints, sign, inf_bits = _SAME_WIDTH_INT[a.dtype]
+    integer_path = a.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+    if integer_path and a.numel() and int(a.view(ints).max()) < inf_bits:
+        keep = torch.sub(threshold.view(ints) - 1, a.view(ints)).bitwise_right_shift_(sign)  # -1 kept, 0 dropped
+        # Summed in its own type (no converted copy) where the count fits.
+        count_dtype = ints if a.shape[-1] <= torch.iinfo(ints).max else torch.int32
+        kept = keep.sum(dim=-1, dtype=count_dtype).neg_().to(torch.int32)
+        out = keep.bitwise_and_(rows.view(ints)).view(x.dtype)  # in place: no second [N, D] buffer
     else:
-        a = rows.abs()
-        k = max(int(shape[-1] * value), 1)
-        kth_largest = torch.topk(a, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        mask = a >= kth_largest
-    return mask.reshape(shape)
-
-
-def zero_outside(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x.masked_fill(~mask, 0)``, computed on CPU as ``x * mask``: masked_fill (and torch.where)
-    with a boolean mask is some 20x slower there than a product. The two agree up to the sign of
-    zeros (``-x * 0 = -0.0``, equal to 0.0) unless ``x`` has NaN or infinite entries, where the
-    product would give NaN: such tensors take masked_fill."""
-    if x.device.type != "cpu":
-        return x.masked_fill(~mask, 0)
-    out = x * mask.to(x.dtype)
-    if not bool(torch.isfinite(out.sum(dtype=torch.float64))):
-        return x.masked_fill(~mask, 0)
-    return out
+        mask = a >= threshold
+        out = rows.masked_fill(~mask, 0)
+        kept = mask.sum(dim=-1, dtype=torch.int32)
+    return out.reshape(x.shape), kept.reshape(x.shape[:-1])
 
 
 def sparsify(x: torch.Tensor, rule: str = "topp", value: float = 1.0, power: float = 1.0) -> torch.Tensor:
     """``x`` with the entries outside the rule's keep-mask set to zero (same dtype and device)."""
-    return zero_outside(x, keep_mask(x, rule, value, power))
+    return zero_below(x, *keep_threshold(x, rule, value, power))[0]

@@ -135,6 +135,35 @@ def test_prefill_and_decode_kept_apart():
     assert set(summarize(sp.recorder, phase="decode")) == {"intermediate"}
 
 
+def test_counts_from_the_zeroing_equal_counts_from_the_mask():
+    """The Sparsifier counts kept entries while it zeroes (no mask); with an observer it also
+    builds the mask, which must be the rule's, and the statistics must not change."""
+    model = tiny_model("llama")
+    attention = lengths_to_valid([7, 4], 7).long()
+    seen = []
+
+    class MaskObserver:
+        def observe(self, layer, site, context, tensor, mask, valid):
+            seen.append(torch.equal(mask, keep_mask(tensor, "topp", 0.7)))
+
+    def stats(recorder):
+        with Sparsifier(model, "all_inputs", "topp", 0.7, recorder=recorder) as sp:
+            _logits(model, attention_mask=attention)
+        return sp.recorder.rows()
+
+    assert stats(SparsityRecorder()) == stats(SparsityRecorder([MaskObserver()]))
+    assert seen and all(seen)
+    x, valid = torch.randn(3, 5, 64), lengths_to_valid([5, 2, 4], 5)
+    mask = keep_mask(x, "topp", 0.6)
+    for tokens in (valid, None):
+        from_mask, from_kept = SparsityRecorder(), SparsityRecorder()
+        from_mask.record(0, "up", x, mask, valid=tokens)
+        from_kept.record(0, "up", x, None, valid=tokens, kept=mask.sum(dim=-1))
+        assert from_mask.rows() == from_kept.rows()
+        expected = int(mask[valid].sum()) if tokens is not None else int(mask.sum())
+        assert from_kept.rows()[0]["kept"] == expected
+
+
 def test_summary_weights():
     rows = [
         {"layer": 0, "site": "input", "kept": 10, "counted": 100},

@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.core.rules import _topp_threshold_bracketed, _topp_threshold_radix, _topp_threshold_radix32, keep_mask, magnitudes, sparsify, topp_threshold_reference
+from common.core.rules import (_radix_select, _topp_threshold_bracketed, _topp_threshold_radix, _topp_threshold_radix32, keep_mask,
+                               keep_threshold, magnitudes, sparsify, topp_threshold, topp_threshold_reference,
+                               zero_below)
 
 
 def _golden_cases(golden_dir):
@@ -116,6 +118,74 @@ def test_fast_topp_paths_match_full_sort(threshold_fn, dtype, width):
         for power in (1.0, 2.0):
             a = magnitudes(x, power)
             assert torch.equal(a >= threshold_fn(a, p), a >= topp_threshold_reference(a, p)), (p, power)
+
+
+@pytest.mark.parametrize("dtype, scales", [(torch.float32, (-30, 30)), (torch.bfloat16, (-30, 30)),
+                                           (torch.float16, (-3, 3))])
+@pytest.mark.parametrize("n_rows", [1, 3, 40])
+def test_radix_paths_on_few_rows_of_different_scales(dtype, scales, n_rows):
+    """Rows whose magnitudes differ by many orders share one bincount (each row its own key
+    range); few rows, ties and zeros must still give the reference threshold."""
+    x = torch.randn(n_rows, 1536) * torch.randn(n_rows, 1536).exp() * torch.logspace(*scales, n_rows).unsqueeze(-1)
+    x[:, ::7] = 0
+    x[:, 1::5] = x[:, 1:2]  # ties
+    a = magnitudes(x.to(dtype))
+    for p in (0.1, 0.5, 0.9, 0.99):
+        assert torch.equal(a >= topp_threshold(a, p), a >= topp_threshold_reference(a, p)), p
+
+
+@pytest.mark.parametrize("dtype, width", [(torch.bfloat16, 1536), (torch.bfloat16, 2 ** 16), (torch.float16, 2 ** 13)])
+def test_16_bit_radix_sums_are_exact_in_float32(dtype, width):
+    """Up to these widths the 16-bit radix select sums in float32; on rows of the largest
+    significands, mostly in one binade, its results must equal the float64 sums' bit for bit."""
+    significand = torch.randint(0, 2, (3, width)) * 0.0078125 + 1.9921875 - torch.rand(3, width) * 0.03
+    x = significand * 2.0 ** torch.randint(-1, 2, (3, width))
+    a = magnitudes(x.to(dtype))
+    keys = a.view(torch.int16).to(torch.int32)
+    for p in (0.3, 0.9, 0.99):
+        in_float32 = _radix_select(keys.clone(), a.float(), p)
+        in_float64 = _radix_select(keys.clone(), a.double(), p)
+        assert all(torch.equal(u, v) for u, v in zip(in_float32, in_float64)), p
+    assert torch.equal(a >= topp_threshold(a, 0.9), a >= topp_threshold_reference(a, 0.9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_radix_paths_on_more_rows_than_one_chunk(dtype):
+    """Narrow rows put more than 2^15 rows in a chunk's worth of elements; chunks stay below
+    the radix select's row limit."""
+    a = magnitudes(torch.randn(70_000, 6).to(dtype))
+    assert torch.equal(a >= topp_threshold(a, 0.7), a >= topp_threshold_reference(a, 0.7))
+
+
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_zero_below_is_masked_fill_and_counts_the_mask(dtype):
+    """The integer-domain zeroing equals ``masked_fill`` bit for bit (dropped entries are +0) and
+    its counts are the mask's; tensors with infinities or NaN take the boolean mask."""
+    finite = _hard_rows(576, dtype)
+    finite[6] = 1.0
+    with_inf = _hard_rows(576, dtype)
+    with_nan = finite.clone()
+    with_nan[8, 3] = float("nan")
+    cases = [("topp", 0.9, 1.0), ("topp", 0.5, 2.0), ("topp", 1.0, 1.0), ("topp", 0.0, 1.0), ("maxp", 0.3, 1.0),
+             ("maxp", 0.0, 1.0), ("topk", 0.2, 1.0)]
+    for x in (finite, with_inf, with_nan, finite.reshape(8, 12, 576), finite[:, ::2]):
+        for rule, value, power in cases:
+            mask = keep_mask(x, rule, value, power)
+            sparse, kept = zero_below(x, *keep_threshold(x, rule, value, power))
+            expected = x.masked_fill(~mask, 0)
+            assert sparse.shape == x.shape and kept.shape == x.shape[:-1] and kept.dtype == torch.int32
+            assert torch.equal(sparse.view(_BITS[dtype]), expected.view(_BITS[dtype])), (rule, value, power)
+            assert torch.equal(kept, mask.sum(dim=-1, dtype=torch.int32)), (rule, value, power)
+            assert torch.equal(sparsify(x, rule, value, power).view(_BITS[dtype]), expected.view(_BITS[dtype]))
+    # Inputs that need a gradient keep it (masked_fill's: the incoming gradient where kept, else 0).
+    x = finite.clone().requires_grad_()
+    sparse, _ = zero_below(x, *keep_threshold(x.detach(), "topp", 0.8))
+    sparse.sum().backward()
+    assert torch.equal(x.grad, keep_mask(finite, "topp", 0.8).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
