@@ -18,7 +18,6 @@ from collections import defaultdict
 import numpy as np
 
 from common.analysis.critical import mcnemar_exact
-from common.analysis.item_planner import DENSE as PLANNER_DENSE
 from common.analysis.item_planner import plan_items
 from common.evaluation.sweep import DENSE, grid_values, stop_point
 from common.evaluation.tasks import PERPLEXITY_TASKS, task_size
@@ -149,7 +148,7 @@ def plan_site(runner, cells: ItemCells, site: str, tasks: list[str], sizes: dict
         if plan.status != "continue":
             break
         for request in plan.requests:
-            if request.threshold == PLANNER_DENSE:
+            if request.threshold == DENSE:
                 cells.extend(DENSE, 1.0, request.task, request.stop)
             else:
                 cells.extend(site, request.threshold, request.task, request.stop)

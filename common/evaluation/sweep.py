@@ -222,7 +222,9 @@ class SweepRunner:
         may do (so a faster shard does not sweep a site's whole grid before the slower one has
         shown where it stops); when no site can advance it goes on anyway, never waiting.
         """
-        mine = lambda cells: [c for c in cells if in_shard(self.spec.key(*c), self.shard)]  # noqa: E731
+        def mine(cells):
+            return [c for c in cells if in_shard(self.spec.key(*c), self.shard)]
+
         values = grid_values(self.spec)
         dense = mine([(DENSE, 1.0, task) for task in self.spec.tasks])
         todo = {site: [mine([(site, value, task) for task in self.spec.tasks]) for value in values]
