@@ -50,7 +50,9 @@ def tidy_table(store: ResultStore, spec: SweepSpec, iterations: int = 1000,
 
     ``values``: the rule values to report per site (a list, or a search's ``{"scoring": [...],
     "perplexity": [...]}`` from ``searched_values``); by default the spec's grid for every site,
-    so cells of a search in the same store stay out of a grid report.
+    so cells of a search in the same store stay out of a grid report. With the early stop, the
+    grid values a site's stop skips stay out too, also where a shard racing ahead evaluated some
+    of their cells: the report does not depend on how many shards ran.
     """
     rows = []
     dense = {t: store.get(spec.key(DENSE, 1.0, t)) for t in spec.tasks}
@@ -58,7 +60,10 @@ def tidy_table(store: ResultStore, spec: SweepSpec, iterations: int = 1000,
         chosen = spec.grid if values is None else values.get(site, [])
         if isinstance(chosen, dict):  # a search: its own points per criterion
             chosen = chosen[kind]
-        return {round(float(v), 6) for v in chosen}
+        skipped = set()
+        if values is None and (stop := early_stop(store, spec, site)) is not None:
+            skipped = {round(float(v), 6) for v in stop["skipped_values"]}
+        return {round(float(v), 6) for v in chosen} - skipped
 
     grids = {(site, kind): allowed(site, kind) for site in spec.sites for kind in ("scoring", "perplexity")}
     for key, result in store.records(**spec.matches()):
@@ -117,6 +122,8 @@ def critical_table(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, thr
                                     "isotonic": _isotonic_reading(rows.measured_sparsity.to_numpy(), [item_scores],
                                                                   [dense_items], threshold, iterations)}
         scoring_rows = site_rows[site_rows.task.isin(scoring)]
+        present = scoring_rows.groupby("value").task.nunique()  # the average needs every task of the site
+        scoring_rows = scoring_rows[scoring_rows.value.isin(present[present == scoring_rows.task.nunique()].index)]
         if not scoring_rows.empty:
             average = scoring_rows.groupby("value", as_index=False)[["measured_sparsity", "normalized"]].mean()
             average_crit = critical_sparsity(average.measured_sparsity, average.normalized, threshold, average.value)

@@ -102,3 +102,33 @@ def test_a_shard_ahead_of_the_others_turns_to_another_site_first(tmp_path):
     early = [i for i, position in enumerate(positions) if position <= 2]
     assert early == list(range(len(early))) and {sites[i] for i in early} == {"intermediate", "input"}
     assert len(positions) > len(early)  # and then it went on alone
+
+
+def test_cells_a_racing_shard_evaluated_past_the_stop_leave_the_report_unchanged(tmp_path):
+    runner = CurveRunner(_spec(stop_below=0.9), ResultStore(tmp_path / "store"), CURVE)
+    runner.run_grid()
+    frame = tidy_table(runner.store, runner.spec, iterations=20)
+    [before] = critical_table(runner.store, runner.spec, frame, iterations=20)
+    # what a shard racing ahead leaves behind: a whole skipped value and one task of another
+    for task in TASKS:
+        runner.cell("intermediate", 0.6, task)
+    runner.cell("intermediate", 0.5, TASKS[0])
+    assert early_stop(runner.store, runner.spec, "intermediate")["skipped_values"] == [0.6, 0.5]
+    frame_after = tidy_table(runner.store, runner.spec, iterations=20)
+    [after] = critical_table(runner.store, runner.spec, frame_after, iterations=20)
+    assert sorted(frame_after.value.unique(), reverse=True) == [1.0, 0.95, 0.9, 0.85, 0.8, 0.7]
+    assert after == before
+
+
+def test_the_task_average_uses_only_values_every_task_has(tmp_path):
+    curve = {1.0: 1.0, 0.95: 1.0, 0.9: 1.0, 0.85: 1.0, 0.8: 0.6, 0.7: 0.6, 0.6: 0.4, 0.5: 0.2}
+    runner = CurveRunner(_spec(), ResultStore(tmp_path / "store"), curve)
+    for site, value in [(DENSE, 1.0)] + [("intermediate", v) for v in (1.0, 0.95, 0.9, 0.85)]:
+        for task in TASKS:
+            runner.cell(site, value, task)
+    runner.cell("intermediate", 0.8, TASKS[0])  # an unfinished value: one task of two
+    frame = tidy_table(runner.store, runner.spec, iterations=20)
+    [entry] = critical_table(runner.store, runner.spec, frame, iterations=20)
+    assert 0.8 in set(frame.value)  # the task's own curve has it
+    assert entry["task_average_curve"]["status"] == "all_above"  # the average does not
+    assert entry["task_average_curve"]["grid"] == pytest.approx(0.15)
