@@ -1,7 +1,7 @@
 """Time a sparsified lm-eval evaluation against the dense one, side by side in one process.
 
-Alternates dense and sparse runs (after one warm-up each) on the same items and reports the
-median time ratio per site, in the chosen dtype: of wall-clock time, and of the process's CPU
+Alternates dense and sparse runs (after one warm-up each) on the same items, each through the
+sweep's own ``evaluate_task`` (as a sweep cell runs), and reports the median time ratio per site, in the chosen dtype: of wall-clock time, and of the process's CPU
 time, which a machine shared with other jobs disturbs much less (time spent waiting for a core
 is not counted).
 
@@ -32,9 +32,8 @@ def main() -> None:
     parser.add_argument("--per-request", action="store_true",
                         help="score every choice with its full context (lm-eval's own path)")
     args = parser.parse_args()
-    import lm_eval
-
     from common.evaluation.bridge import SparseHFLM
+    from common.evaluation.sweep import evaluate_task
     from common.models.loading import load_causal_lm
     from common.evaluation.tasks import task_manager
 
@@ -48,8 +47,7 @@ def main() -> None:
         """(wall-clock s, CPU s) of one evaluation."""
         lm.set_sparsification(site, "topp", args.value)
         start, start_cpu = time.perf_counter(), time.process_time()
-        lm_eval.simple_evaluate(model=lm, tasks=[args.task], task_manager=manager, limit=args.limit,
-                                bootstrap_iters=0, verbosity="ERROR")
+        evaluate_task(lm, args.task, manager, limit=args.limit)
         return time.perf_counter() - start, time.process_time() - start_cpu
 
     for site in [None] + args.sites:

@@ -166,8 +166,6 @@ class SweepRunner:
         return result
 
     def _evaluate(self, site: str, value: float, task: str, items: tuple[int, int] | None = None) -> dict:
-        import lm_eval
-
         if site == DENSE:
             self.lm.set_sparsification(None)
         else:
@@ -175,8 +173,7 @@ class SweepRunner:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         start = time.perf_counter()
         chosen = {"samples": {task: list(range(*items))}} if items else {"limit": self.spec.limit}
-        output = lm_eval.simple_evaluate(model=self.lm, tasks=[task], task_manager=self.task_manager,
-                                         log_samples=True, bootstrap_iters=0, verbosity="ERROR", **chosen)
+        output = evaluate_task(self.lm, task, self.task_manager, **chosen)
         seconds = time.perf_counter() - start
         metrics = {name.split(",")[0]: value for name, value in output["results"][task].items()
                    if isinstance(value, (int, float)) and "stderr" not in name}
@@ -268,6 +265,29 @@ class SweepRunner:
                 break
             count += 1
         return count
+
+
+def evaluate_task(lm, task: str, task_manager, limit: int | None = None, samples: dict | None = None) -> dict:
+    """One task through ``lm_eval.evaluator.evaluate`` with the seeds, few-shot defaults and
+    per-item samples of ``lm_eval.simple_evaluate``, without its environment report: that runs
+    torch's ``collect_env`` (subprocesses) on every call, about 0.5 s per cell on this CPU, half
+    of a small cell's fixed cost, and the store records its own provenance."""
+    import random
+
+    import torch
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+    from lm_eval.evaluator import evaluate
+
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    torch.manual_seed(DEFAULT_OTHER_SEED)
+    loaded = task_manager.load([task])
+    for task_obj in loaded["tasks"].values():
+        if task_obj.get_config("num_fewshot") is None:
+            task_obj.set_config(key="num_fewshot", value=0)
+        task_obj.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    return evaluate(lm=lm, task_dict=loaded, limit=limit, samples=samples, bootstrap_iters=0, log_samples=True,
+                    verbosity="ERROR")
 
 
 def perplexity(items: list[dict]) -> float:

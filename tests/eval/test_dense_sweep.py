@@ -12,7 +12,7 @@ import torch
 from common.analysis.critical import bootstrap_critical, critical_sparsity, paired_bootstrap_ratio
 from common.evaluation.bridge import SparseHFLM
 from common.evaluation.store import ResultStore, parse_shard
-from common.evaluation.sweep import SweepRunner, SweepSpec
+from common.evaluation.sweep import SweepRunner, SweepSpec, evaluate_task
 from common.evaluation.tasks import task_manager
 from tiny_models import char_tokenizer, save_tiny_llama, tiny_model
 
@@ -34,6 +34,23 @@ def _evaluate(lm, manager, tasks=("bb_general_knowledge",), limit=12):
 
 def _logliks(output, task):
     return [[r[0] for r in s["filtered_resps"]] for s in sorted(output["samples"][task], key=lambda s: s["doc_id"])]
+
+
+@pytest.mark.parametrize("chosen", [{"limit": 5}, {"samples": [2, 3, 4, 5]}])
+def test_evaluate_task_equals_simple_evaluate(manager, chosen):
+    """The sweep's lm-eval call (no environment report) gives lm-eval's own results, item by item."""
+    import lm_eval
+
+    lm = SparseHFLM(pretrained=tiny_model("llama"), tokenizer=char_tokenizer(), batch_size=4, sites="intermediate",
+                    value=0.8)
+    for task in TASKS:
+        selection = {"samples": {task: chosen["samples"]}} if "samples" in chosen else chosen
+        ours = evaluate_task(lm, task, manager, **selection)
+        reference = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True,
+                                            bootstrap_iters=0, verbosity="ERROR", **selection)
+        assert ours["results"][task] == reference["results"][task]
+        responses = [[(s["doc_id"], s["filtered_resps"]) for s in output["samples"][task]] for output in (ours, reference)]
+        assert responses[0] == responses[1] and len(responses[0]) == len(chosen.get("samples", range(5)))
 
 
 def test_bridge_at_p_one_equals_plain_hflm(manager):
