@@ -56,10 +56,34 @@ def dense_tables(folder: Path) -> None:
     if overhead:
         print(f"\nSparse / dense evaluation time (median over cells): {overhead['median_time_ratio_sparse_over_dense']:.2f}x; "
               + ", ".join(f"{k} {v:.2f}x" for k, v in overhead["per_site"].items()))
+    orderings_table(summary.get("orderings", []))
     for search in summary.get("search", []):
         print(f"\nSearch ({search['site']}): {search['values_evaluated']} values, interpolated "
               f"{search['critical']['interpolated']:.3f}, bracket {search['bracket']}")
     print()
+
+
+def orderings_table(rows: list[dict]) -> None:
+    """Sites compared at the same measured sparsity: a - b [95% interval] per level; the better
+    site named where the interval excludes 0."""
+    if not rows:
+        return
+    levels = sorted({r["level"] for r in rows})
+    print("\nSites at the same measured sparsity (columns): difference a - b [95% paired-bootstrap interval]; "
+          "where the interval excludes 0, the better site after the arrow (accuracy and perplexity: higher is "
+          "better; answer KL: lower).\n")
+    print("| a vs b | measure | " + " | ".join(f"{level:g}" for level in levels) + " |")
+    print("|---|---|" + "---|" * len(levels))
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((tuple(r["sites"]), r["measure"] + (f" ({r['task']})" if "task" in r else "")), {})[r["level"]] = r
+    for (sites, measure), by_level in groups.items():
+        cells = []
+        for level in levels:
+            r = by_level.get(level)
+            cells.append("-" if r is None else f"{r['difference']:+.3f} [{r['interval'][0]:+.3f}, {r['interval'][1]:+.3f}]"
+                         + (f" → {r['better']}" if r["decided"] else ""))
+        print(f"| {sites[0]} vs {sites[1]} | {measure} | " + " | ".join(cells) + " |")
 
 
 def moe_tables(folder: Path) -> None:

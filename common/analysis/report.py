@@ -19,28 +19,19 @@ from common.analysis import figures as plots
 from common.analysis.critical import (bootstrap_critical, bootstrap_indices, critical_sparsity,
                                       isotonic_crossing, isotonic_interval, mcnemar_exact, paired_bootstrap_ratio,
                                       perplexity_curves, task_average_curves)
+from common.analysis.orderings import choice_kl_items, site_orderings
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
 from common.evaluation.sweep import DENSE, SweepSpec, early_stop, measured_sparsity, perplexity
 from common.evaluation.tasks import PERPLEXITY_TASKS
 
 
-def _log_softmax(values: np.ndarray) -> np.ndarray:
-    values = values - values.max()
-    return values - np.log(np.exp(values).sum())
-
-
 def fidelity(sparse_items: list[dict], dense_items: list[dict]) -> dict:
     """Mean gold log-likelihood change and mean KL(dense || sparse) over the answer choices."""
-    deltas, kls = [], []
-    for sparse, dense in zip(sparse_items, dense_items):
-        if "choice_logliks" not in sparse or sparse.get("gold") is None:
-            continue
-        s, d = np.array(sparse["choice_logliks"]), np.array(dense["choice_logliks"])
-        deltas.append(s[sparse["gold"]] - d[dense["gold"]])
-        log_p, log_q = _log_softmax(d), _log_softmax(s)
-        kls.append(float((np.exp(log_p) * (log_p - log_q)).sum()))
-    if not deltas:
+    pairs = [(s, d) for s, d in zip(sparse_items, dense_items) if "choice_logliks" in s and s.get("gold") is not None]
+    if not pairs:
         return {}
+    deltas = [s["choice_logliks"][s["gold"]] - d["choice_logliks"][d["gold"]] for s, d in pairs]
+    kls = choice_kl_items([s for s, _ in pairs], [d for _, d in pairs])
     return {"gold_loglik_delta": float(np.mean(deltas)), "choice_kl": float(np.mean(kls))}
 
 
@@ -280,6 +271,11 @@ def write_report(store: ResultStore, spec: SweepSpec, output: Path, threshold: f
                             "mcnemar": "exact McNemar test of sparse vs dense correctness on the same items at the "
                                        "grid reading's rule value of the task-average curve"},
                "critical": critical, "overhead": overhead(frame), **(extra or {})}
+    if not frame.empty and frame.site.nunique() > 1:
+        summary["readings"]["orderings"] = ("two sites' curves at the same measured sparsity (linear interpolation), "
+                                            "difference a - b with a 95% paired-bootstrap interval (the same item "
+                                            "resamples for both sites); decided when the interval excludes 0")
+        summary["orderings"] = site_orderings(store, spec, frame, iterations=iterations)
     paths = figures(store, spec, frame, critical, output / "figures", threshold)
     summary["figures"] = [str(p.relative_to(output)) for p in paths if p.suffix == ".png"]
     atomic_write_json(output / "critical.json", summary)

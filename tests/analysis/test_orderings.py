@@ -1,0 +1,99 @@
+"""Sites compared at the same measured sparsity: the per-item answer KL by hand, interpolation on
+evaluated points, identical sites undecided, a clearly worse site decided in either order."""
+
+import math
+
+import numpy as np
+import pytest
+
+from common.analysis.orderings import choice_kl_items, compare_sites, site_curve
+from common.analysis.report import tidy_table
+from common.evaluation.store import ResultStore
+from common.evaluation.sweep import DENSE, SweepRunner, SweepSpec
+
+TASKS = ["bb_general_knowledge", "bb_social_iqa", "fables_ppl"]
+GRID = [1.0, 0.9, 0.8, 0.7, 0.6]
+ITEMS = 400
+
+
+class SiteCurveRunner(SweepRunner):
+    """Cells from known curves per site: at rule value v, measured sparsity 1 - v; the first
+    ``keep[site][v]`` share of the dense-correct items stay correct; every item's answer
+    log-likelihoods drift by ``drift[site][v]`` (so the answer KL grows with it); perplexity
+    documents lose ``drift`` nats each."""
+
+    def __init__(self, spec, store, keep, drift):
+        super().__init__(lm=None, spec=spec, store=store, task_manager=None, verbose=False)
+        self.keep, self.drift = keep, drift
+
+    def _evaluate(self, site, value, task, items=None):
+        keep = 1.0 if site == DENSE else self.keep[site][value]
+        drift = 0.0 if site == DENSE else self.drift[site][value]
+        sparsity = {} if site == DENSE else {site: {"element_weighted": 1 - value, "mean_over_layers": 1 - value}}
+        if task == "fables_ppl":
+            docs = [{"doc_id": i, "loglikelihood": -50.0 - drift * (1 + i % 3), "words": 40} for i in range(ITEMS)]
+            return {"metrics": {"word_perplexity": 1.0}, "items": docs, "seconds": 1.0, "sparsity": sparsity}
+        metric = self.spec.metric_for(task)
+        correct_dense = ITEMS // 2
+        correct = round(correct_dense * keep)
+        items = [{"doc_id": i, metric: float(i < correct), "gold": 0,
+                  "choice_logliks": [-1.0 - drift * (i % 5), -2.0, -2.5]} for i in range(ITEMS)]
+        return {"metrics": {metric: correct / ITEMS}, "items": items, "seconds": 1.0, "sparsity": sparsity}
+
+
+def _study(tmp_path, keep, drift):
+    spec = SweepSpec(model="synthetic", sites=list(keep), tasks=TASKS, grid=list(GRID), limit=ITEMS)
+    runner = SiteCurveRunner(spec, ResultStore(tmp_path / "store"), keep, drift)
+    runner.run_grid()
+    return runner.store, spec, tidy_table(runner.store, spec, iterations=20)
+
+
+def _curve(top):
+    return {v: 1.0 - top * (1.0 - v) / 0.4 for v in GRID}  # 1 at v = 1, 1 - top at v = 0.6
+
+
+def test_choice_kl_per_item_by_hand():
+    dense = [{"choice_logliks": [-1.0, -2.0]}, {"choice_logliks": [0.0, 0.0, 0.0]}, {"loglikelihood": -3.0}]
+    sparse = [{"choice_logliks": [-2.0, -1.0]}, {"choice_logliks": [0.0, 0.0, 0.0]}, {"loglikelihood": -4.0}]
+    kl = choice_kl_items(sparse, dense)
+    p = np.array([1, math.exp(-1)]) / (1 + math.exp(-1))
+    assert kl[0] == pytest.approx(float((p * np.log(p / p[::-1])).sum()))
+    assert kl[1] == 0.0 and math.isnan(kl[2])
+
+
+def test_identical_sites_are_never_decided(tmp_path):
+    keep = {"input": _curve(0.3), "intermediate": _curve(0.3)}
+    drift = {site: {v: 1 - v for v in GRID} for site in keep}
+    store, spec, frame = _study(tmp_path, keep, drift)
+    rows = compare_sites(store, spec, frame, "input", "intermediate", iterations=200)
+    assert {r["measure"] for r in rows} == {"accuracy", "choice_kl", "perplexity"}
+    for r in rows:
+        assert r["difference"] == 0.0 and r["interval"] == [0.0, 0.0] and not r["decided"] and r["better"] is None
+
+
+def test_a_clearly_worse_site_loses_in_either_order(tmp_path):
+    keep = {"input": _curve(0.4), "intermediate": _curve(0.05)}
+    drift = {"input": {v: 3 * (1 - v) for v in GRID}, "intermediate": {v: 0.5 * (1 - v) for v in GRID}}
+    store, spec, frame = _study(tmp_path, keep, drift)
+    forward = compare_sites(store, spec, frame, "input", "intermediate", levels=(0.2, 0.3), iterations=200)
+    backward = compare_sites(store, spec, frame, "intermediate", "input", levels=(0.2, 0.3), iterations=200)
+    for a, b in zip(forward, backward):
+        assert a["decided"] and b["decided"]
+        assert a["better"] == b["better"] == "intermediate"
+        assert a["difference"] == pytest.approx(-b["difference"])
+    accuracy = [r for r in forward if r["measure"] == "accuracy"]
+    # normalized accuracy at sparsity 0.2: 1 - 0.4 * 0.2 / 0.4 = 0.8 against 1 - 0.05 * 0.5 = 0.975
+    assert accuracy[0]["a"] == pytest.approx(0.8, abs=0.01) and accuracy[0]["b"] == pytest.approx(0.975, abs=0.01)
+
+
+def test_curves_interpolate_through_evaluated_points_and_skip_levels_outside(tmp_path):
+    keep = {"input": _curve(0.4), "intermediate": _curve(0.2)}
+    drift = {site: {v: 1 - v for v in GRID} for site in keep}
+    store, spec, frame = _study(tmp_path, keep, drift)
+    sparsity, curves = site_curve(store, spec, frame, "input", "accuracy", iterations=50)
+    assert sorted(np.round(sparsity, 6)) == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    at = dict(zip(np.round(sparsity, 6), curves[0]))
+    assert at[0.3] == pytest.approx(round(200 * keep["input"][0.7]) / 200)
+    assert curves.shape == (51, 5)
+    rows = compare_sites(store, spec, frame, "input", "intermediate", levels=(0.3, 0.45), iterations=50)
+    assert {r["level"] for r in rows} == {0.3}  # 0.45 lies beyond both curves' last point (0.4)
