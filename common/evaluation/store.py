@@ -184,6 +184,10 @@ class ResultStore:
             record["provenance"] = self.provenance
         atomic_write_json(self.path(key), record)
 
+    def count(self) -> int:
+        """How many cell files the store holds (a cheap sign of other processes' progress)."""
+        return sum(1 for _ in self.cells.glob("*.json")) if self.cells.is_dir() else 0
+
     def records(self, **match) -> Iterator[tuple[dict, dict]]:
         """All (key, result) pairs whose key matches ``match`` (damaged files are set aside)."""
         for key, result, _ in self.records_with_provenance(**match):

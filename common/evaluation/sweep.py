@@ -146,10 +146,14 @@ class SweepRunner:
     """Evaluates cells through a ``SparseHFLM`` and stores them."""
 
     def __init__(self, lm, spec: SweepSpec, store: ResultStore, task_manager, shard: tuple[int, int] = (0, 1),
-                 verbose: bool = True):
+                 verbose: bool = True, patience: float | None = None, poll: float = 5.0):
         self.lm, self.spec, self.store, self.task_manager, self.shard = lm, spec, store, task_manager, shard
         self.verbose = verbose
         self.evaluations = 0
+        # how long a shard ahead of the others waits for a new cell from them before going on alone
+        # (None: twice its longest cell so far, at least a minute); ``poll``: how often it looks
+        self.patience, self.poll = patience, poll
+        self._longest_cell, self._others_quiet_at = 0.0, None
         for site in spec.sites:
             expand_sites(site)
 
@@ -160,7 +164,9 @@ class SweepRunner:
         key = self.spec.key(site, value, task, items)
         result = self.store.get(key)
         if result is None:
+            start = time.monotonic()
             result = self._evaluate(site, value, task, items)
+            self._longest_cell = max(self._longest_cell, time.monotonic() - start)
             self.store.put(key, result)
             self.evaluations += 1
         return result
@@ -215,9 +221,11 @@ class SweepRunner:
 
         With the early stop, a site ends once the store (this shard's and other shards' cells)
         shows the stop condition. A shard does not run more than ``spec.stop_after`` values ahead
-        of the values every shard has finished for a site while another site still has work it
-        may do (so a faster shard does not sweep a site's whole grid before the slower one has
-        shown where it stops); when no site can advance it goes on anyway, never waiting.
+        of the values every shard has finished for a site (so a faster shard does not sweep a
+        site's grid past the stop before the slower one has shown it): it turns to another site,
+        and when no site may advance it waits while the other shards keep adding cells, going on
+        alone only once none has come for ``patience`` seconds (they are done, stopped or never
+        started).
         """
         def mine(cells):
             return [c for c in cells if in_shard(self.spec.key(*c), self.shard)]
@@ -248,11 +256,31 @@ class SweepRunner:
                 if not open_sites:
                     return
                 ready = [site for site in open_sites if self._finished_values(site) >= position[site] - self.spec.stop_after]
+                if not ready and self._others_added_cells():
+                    continue  # look again: a value may be finished, or a site stopped
                 site = (ready or open_sites)[0]
                 for cell in todo[site][position[site]]:
                     self.cell(*cell)
                     progress.update()
                 position[site] += 1
+
+    def _others_added_cells(self) -> bool:
+        """Wait for another shard's next cell: True once the store holds a new one, False after
+        ``patience`` seconds without one. Once a wait ran out, later ones are skipped until the
+        other shards add a cell again (a shard started alone does not wait at every step)."""
+        if self.shard[1] == 1:
+            return False
+        before = self.store.count()
+        if before - self.evaluations == self._others_quiet_at:
+            return False
+        patience = self.patience if self.patience is not None else max(60.0, 2 * self._longest_cell)
+        deadline = time.monotonic() + patience
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(self.poll, left))
+            if self.store.count() != before:
+                return True
+        self._others_quiet_at = before - self.evaluations  # the cells not evaluated by this shard
+        return False
 
     def _finished_values(self, site: str) -> int:
         """How many of the site's grid values, densest first, have every task's cell in the store

@@ -1,6 +1,9 @@
 """The grid's early stop: a site ends once its task-average normalized score has stayed below the
 stop level for N grid values in a row; shards agree on where; the report says which values were skipped."""
 
+import threading
+import time
+
 import pytest
 
 from common.analysis.report import critical_table, tidy_table
@@ -15,11 +18,13 @@ class CurveRunner(SweepRunner):
     """Evaluates cells from a known curve instead of a model: normalized score = curve[value] on
     every task (dense accuracy 0.5 on 10 items), measured sparsity 1 - value."""
 
-    def __init__(self, spec, store, curve, shard=(0, 1)):
-        super().__init__(lm=None, spec=spec, store=store, task_manager=None, shard=shard, verbose=False)
-        self.curve, self.evaluated = curve, []
+    def __init__(self, spec, store, curve, shard=(0, 1), patience=0.05, delay=0.0):
+        super().__init__(lm=None, spec=spec, store=store, task_manager=None, shard=shard, verbose=False,
+                         patience=patience, poll=0.005)
+        self.curve, self.evaluated, self.delay = curve, [], delay
 
     def _evaluate(self, site, value, task, items=None):
+        time.sleep(self.delay)
         self.evaluated.append((site, value, task))
         metric = self.spec.metric_for(task)
         correct = 5 if site == DENSE else round(5 * self.curve[value])
@@ -132,3 +137,40 @@ def test_the_task_average_uses_only_values_every_task_has(tmp_path):
     assert 0.8 in set(frame.value)  # the task's own curve has it
     assert entry["task_average_curve"]["status"] == "all_above"  # the average does not
     assert entry["task_average_curve"]["grid"] == pytest.approx(0.15)
+
+
+LONG_GRID = [1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
+LONG_CURVE = {v: 1.0 if v >= 0.9 else 0.5 for v in LONG_GRID}  # stops after 0.85 and 0.8
+
+
+def _two_shards(tmp_path, patience):
+    spec = SweepSpec(model="synthetic", sites=["intermediate"], tasks=TASKS + ["bb_emoji_movie"], grid=list(LONG_GRID),
+                     limit=10, stop_below=0.9, stop_after=2)
+    store = ResultStore(tmp_path / f"store{patience}")
+    fast = CurveRunner(spec, store, LONG_CURVE, shard=(0, 2), patience=patience)
+    slow = CurveRunner(spec, store, LONG_CURVE, shard=(1, 2), patience=patience, delay=0.2)
+    threads = [threading.Thread(target=runner.run_grid) for runner in (fast, slow)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    deepest = max(LONG_GRID.index(v) for s, v, _ in fast.evaluated + slow.evaluated if s != DENSE)
+    return early_stop(store, spec, "intermediate"), deepest
+
+
+def test_a_shard_ahead_waits_for_the_others_instead_of_running_past_the_stop(tmp_path):
+    stop, deepest = _two_shards(tmp_path, patience=5.0)
+    assert stop["last_value"] == 0.8
+    assert deepest <= LONG_GRID.index(0.8) + 2  # at most the stop_after values it may run ahead
+    _, raced = _two_shards(tmp_path, patience=0.0)  # never waiting: the fast shard sweeps on alone
+    assert raced > LONG_GRID.index(0.8) + 2
+
+
+def test_a_shard_started_alone_waits_once_not_at_every_step(tmp_path):
+    spec = SweepSpec(model="synthetic", sites=["intermediate", "input"], tasks=TASKS, grid=list(LONG_GRID), limit=10,
+                     stop_below=0.9, stop_after=2)
+    alone = CurveRunner(spec, ResultStore(tmp_path / "store"), {v: 1.0 for v in LONG_GRID}, shard=(0, 2), patience=1.0)
+    start = time.monotonic()
+    alone.run_grid()  # the other shard never starts: after one wait this one goes on without waiting
+    assert time.monotonic() - start < 2.5
+    assert len({(s, v) for s, v, _ in alone.evaluated if s != DENSE}) > 2 * 2 * 2  # well past the ahead-limit
