@@ -105,21 +105,33 @@ def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
     summary = json.loads((grid_folder / "critical.json").read_text())
     grid = {c["site"]: c for c in summary["critical"]}
     scoring = [t for t in summary["spec"]["tasks"] if t not in PERPLEXITY_TASKS]
-    print("Task-average critical sparsity (interpolated) and values evaluated; PPL-1% on the perplexity task.\n")
+    print("Task-average accuracy criterion: isotonic crossing [95% interval] of the grid and of the search, "
+          "their difference and the values each evaluated (the grid's up to its early stop); PPL-1% on the "
+          "perplexity task likewise.\n")
     print("| site | grid | search | difference | values (grid / search) | PPL-1% grid | PPL-1% search "
-          "| PPL values (search) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| difference | PPL values (search) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for search in searches:
         full = grid.get(search["site"], {})
-        if "task_average_curve" not in full:
+        isotonic = full.get("task_average_curve", {}).get("isotonic")
+        if not isotonic:
             continue
-        grid_value = full["task_average_curve"]["interpolated"]
-        found = search["critical"]["interpolated"]
-        ppl_grid = next((v["interpolated"] for k, v in full.items() if k.startswith("ppl_")), None)
+        stop = full.get("early_stop")
+        grid_values = len(summary["spec"]["grid"]) - (len(stop["skipped_values"]) if stop else 0)
+        ppl_grid = next((v["isotonic"] for k, v in full.items() if k.startswith("ppl_")), None)
         ppl_search = next(iter(search.get("ppl", {}).values()), None)
-        print(f"| {search['site']} | {grid_value:.3f} | {found:.3f} | {found - grid_value:+.3f} "
-              f"| {len(summary['spec']['grid'])} / {search['values_evaluated']} | {_fmt(ppl_grid)} "
-              f"| {_fmt(ppl_search and ppl_search['critical']['interpolated'])} "
+
+        def reading(crossing, interval):
+            return f"{crossing:.3f} [{_fmt(interval[0])}, {_fmt(interval[1])}]"
+
+        ppl_cells = "- | - | -"
+        if ppl_grid and ppl_search:
+            ppl_cells = (f"{reading(ppl_grid['crossing'], ppl_grid['interval'])} | "
+                         f"{reading(ppl_search['crossing'], ppl_search['interval'])} | "
+                         f"{ppl_search['crossing'] - ppl_grid['crossing']:+.3f}")
+        print(f"| {search['site']} | {reading(isotonic['crossing'], isotonic['interval'])} "
+              f"| {reading(search['crossing'], search['interval'])} | {search['crossing'] - isotonic['crossing']:+.3f} "
+              f"| {grid_values} / {search['values_evaluated']} | {ppl_cells} "
               f"| {ppl_search['values_evaluated'] if ppl_search else '-'} |")
     print(f"\nAn accuracy value costs {len(scoring)} scoring tasks + the perplexity task; a PPL-only value one cell.\n")
 

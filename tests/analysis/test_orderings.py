@@ -29,7 +29,8 @@ class SiteCurveRunner(SweepRunner):
     def _evaluate(self, site, value, task, items=None):
         keep = 1.0 if site == DENSE else self.keep[site][value]
         drift = 0.0 if site == DENSE else self.drift[site][value]
-        sparsity = {} if site == DENSE else {site: {"element_weighted": 1 - value, "mean_over_layers": 1 - value}}
+        sparsity = {} if site == DENSE else {site: {"element_weighted": 1 - value, "mean_over_layers": 1 - value,
+                                                          "per_layer": {"0": 1 - value}}}
         if task == "fables_ppl":
             docs = [{"doc_id": i, "loglikelihood": -50.0 - drift * (1 + i % 3), "words": 40} for i in range(ITEMS)]
             return {"metrics": {"word_perplexity": 1.0}, "items": docs, "seconds": 1.0, "sparsity": sparsity}
@@ -97,3 +98,31 @@ def test_curves_interpolate_through_evaluated_points_and_skip_levels_outside(tmp
     assert curves.shape == (51, 5)
     rows = compare_sites(store, spec, frame, "input", "intermediate", levels=(0.3, 0.45), iterations=50)
     assert {r["level"] for r in rows} == {0.3}  # 0.45 lies beyond both curves' last point (0.4)
+
+
+def test_report_tables_print_the_orderings_and_search_against_grid(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from common.analysis.report import write_report
+
+    keep = {"input": _curve(0.4), "intermediate": _curve(0.05)}
+    drift = {"input": {v: 3 * (1 - v) for v in GRID}, "intermediate": {v: 0.5 * (1 - v) for v in GRID}}
+    store, spec, _ = _study(tmp_path, keep, drift)
+    summary = write_report(store, spec, store.root, iterations=50)
+    rows = [r for r in summary["orderings"] if r["measure"] == "choice_kl"]
+    assert rows and all(r["better"] == "intermediate" for r in rows)
+    iso = summary["critical"][0]["task_average_curve"]["isotonic"]
+    ppl = next(v for k, v in summary["critical"][0].items() if k.startswith("ppl_"))["isotonic"]
+    search = {"site": "input", "crossing": iso["crossing"] + 0.01, "interval": iso["interval"], "values_evaluated": 3,
+              "ppl": {"fables_ppl": {**ppl, "values_evaluated": 4}}}
+    (tmp_path / "search.json").write_text(json.dumps([search]))
+    script = Path(__file__).resolve().parents[2] / "scripts" / "report_tables.py"
+    tables = subprocess.run([sys.executable, str(script), str(store.root)], capture_output=True, text=True, check=True)
+    assert "| input vs intermediate | choice_kl |" in tables.stdout and "→ intermediate" in tables.stdout
+    versus = subprocess.run([sys.executable, str(script), "--search-vs-grid", str(tmp_path), str(store.root)],
+                            capture_output=True, text=True, check=True)
+    line = next(l for l in versus.stdout.splitlines() if l.startswith("| input |"))
+    assert "+0.010" in line and f"| {len(GRID)} / 3 |" in line and line.rstrip().endswith("| 4 |")
