@@ -75,6 +75,32 @@ def once_per_request(run, requests, disable_tqdm: bool):
     return [results[i] for i in index]
 
 
+# bytes per (token, vocabulary entry) of one scored row: the logits in the model's dtype, their
+# float32 log-softmax and the temporaries around them (Gemma's logit soft-capping makes copies)
+LOGIT_BYTES = 16
+LOGIT_MEMORY_SHARE = 0.25  # of the device's total memory: deterministic on a given machine
+
+
+def device_memory(device) -> int:
+    """Total memory of the device the logits live on, in bytes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def memory_safe_batch(batch_size: int, longest: int, vocab: int, memory: int,
+                      share: float = LOGIT_MEMORY_SHARE) -> int:
+    """The largest batch up to ``batch_size`` whose [batch, longest, vocab] logits fit in ``share``
+    of ``memory``. lm-eval scores a batch's full logits at once: a 262k-entry vocabulary (Gemma 3)
+    at batch 16 needs over 20 GB for 330-token documents, and a process killed for memory dies
+    without a message in the middle of a sweep."""
+    per_row = max(1, longest) * vocab * LOGIT_BYTES
+    return max(1, min(batch_size, int(share * memory) // per_row))
+
+
 def split_arg(value) -> list:
     if value is None or value == "":
         return []
@@ -280,12 +306,11 @@ class SparseHFLM(SparsificationSettings, HFLM):
         shared = [i for i, request in enumerate(requests) if self._shareable(request)] \
             if self.shared_context and self.backend == "causal" else []
         if not shared:
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            return self._lm_eval_path(requests, disable_tqdm, override_bs)
         results: list = [None] * len(requests)
         rest = sorted(set(range(len(requests))) - set(shared))
         if rest:
-            scored = super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=True,
-                                                   override_bs=override_bs)
+            scored = self._lm_eval_path([requests[i] for i in rest], True, override_bs)
             for i, answer in zip(rest, scored):
                 results[i] = answer
         requests_shared = [requests[i] for i in shared]
@@ -309,6 +334,26 @@ class SparseHFLM(SparsificationSettings, HFLM):
                         self.cache_hook.add_partial("loglikelihood", key, answer)
                     progress.update(len(group.members))
         progress.close()
+        return results
+
+    def _lm_eval_path(self, requests, disable_tqdm: bool, override_bs: int | None) -> list:
+        """lm-eval's own scoring, in slices of at most ``memory_safe_batch`` requests (longest
+        first) where its batch size would not fit the device's memory; unchanged otherwise."""
+        batch_size = override_bs or self.batch_size
+        lengths = [min(len(context) + len(continuation), self.max_length) for _, context, continuation in requests]
+        if batch_size == "auto" or not requests:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        cap = memory_safe_batch(int(batch_size), max(lengths), vocab, device_memory(self.device))
+        if cap >= int(batch_size):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        order = sorted(range(len(requests)), key=lambda i: -lengths[i])
+        results: list = [None] * len(requests)
+        for start in range(0, len(order), cap):
+            part = order[start:start + cap]
+            for i, answer in zip(part, super()._loglikelihood_tokens([requests[i] for i in part], disable_tqdm=True,
+                                                                     override_bs=len(part))):
+                results[i] = answer
         return results
 
     def _statistics(self, recorder: SparsityRecorder) -> dict:

@@ -347,3 +347,32 @@ def test_lm_eval_command_line_with_sparse_hf(tmp_path):
     assert "bb_general_knowledge" in result.stdout
     summary = json.loads(stats.read_text())["summary"]
     assert 0 < summary["all_inputs"]["element_weighted"] < 1
+
+
+def test_memory_safe_batch_sizes():
+    from common.evaluation.bridge import memory_safe_batch
+
+    gib = 1024 ** 3
+    assert memory_safe_batch(16, 331, 262144, 24 * gib) == 4  # Gemma 3's vocabulary on this machine
+    assert memory_safe_batch(16, 331, 49152, 24 * gib) == 16  # SmolLM2's: unchanged
+    assert memory_safe_batch(16, 10 ** 6, 262144, 24 * gib) == 1  # never below one
+
+
+def test_lm_eval_path_in_memory_safe_slices_gives_the_same_loglikelihoods(manager, monkeypatch):
+    import common.evaluation.bridge as bridge
+
+    model = tiny_model("llama")
+    batches = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(
+        (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[0]), with_kwargs=True)
+    outputs = {}
+    for memory in (None, 1):
+        if memory is not None:  # one row's logits exceed a quarter of "memory": batches of one
+            monkeypatch.setattr(bridge, "device_memory", lambda device: memory)
+        batches.clear()
+        lm = SparseHFLM(pretrained=model, tokenizer=char_tokenizer(), batch_size=4, sites="intermediate", value=0.8)
+        outputs[memory] = _evaluate(lm, manager, tasks=["fables_ppl"], limit=5)
+        outputs[memory, "batches"] = max(batches)
+    assert outputs[None, "batches"] > 1 and outputs[1, "batches"] == 1
+    for a, b in zip(*(sorted(outputs[m]["samples"]["fables_ppl"], key=lambda s: s["doc_id"]) for m in (None, 1))):
+        assert a["filtered_resps"][0] == pytest.approx(b["filtered_resps"][0], rel=1e-5, abs=1e-4)
