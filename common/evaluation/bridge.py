@@ -340,9 +340,9 @@ class SparseHFLM(SparsificationSettings, HFLM):
         """lm-eval's own scoring, in slices of at most ``memory_safe_batch`` requests (longest
         first) where its batch size would not fit the device's memory; unchanged otherwise."""
         batch_size = override_bs or self.batch_size
-        lengths = [min(len(context) + len(continuation), self.max_length) for _, context, continuation in requests]
         if batch_size == "auto" or not requests:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        lengths = [min(len(context) + len(continuation), self.max_length) for _, context, continuation in requests]
         vocab = self.model.get_output_embeddings().weight.shape[0]
         cap = memory_safe_batch(int(batch_size), max(lengths), vocab, device_memory(self.device))
         if cap >= int(batch_size):

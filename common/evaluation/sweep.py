@@ -298,7 +298,7 @@ class SweepRunner:
 def evaluate_task(lm, task: str, task_manager, limit: int | None = None, samples: dict | None = None) -> dict:
     """One task through ``lm_eval.evaluator.evaluate`` with the seeds, few-shot defaults and
     per-item samples of ``lm_eval.simple_evaluate``, without its environment report: that runs
-    torch's ``collect_env`` (subprocesses) on every call, about 0.5 s per cell on this CPU, half
+    torch's ``collect_env`` (subprocesses) on every call, 0.2-0.5 s per cell on this CPU and most
     of a small cell's fixed cost, and the store records its own provenance."""
     import random
 
