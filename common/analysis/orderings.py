@@ -49,7 +49,10 @@ def choice_kl_items(sparse_items: list[dict], dense_items: list[dict]) -> np.nda
     return out
 
 
-def _scoring_values(frame: pd.DataFrame, site: str, tasks: list[str]) -> list[float]:
+def values_every_task_has(frame: pd.DataFrame, site: str, tasks) -> list[float]:
+    """The rule values at which ``site`` has a row for every one of ``tasks`` (a task average
+    needs them all; a value another shard is still filling in is left out)."""
+    tasks = list(tasks)
     rows = frame[(frame.site == site) & frame.task.isin(tasks)]
     present = rows.groupby("value").task.nunique()
     return sorted(present[present == len(tasks)].index)
@@ -75,7 +78,7 @@ def site_curve(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, site: s
     tasks = [t for t in spec.tasks if t not in PERPLEXITY_TASKS
              and store.get(spec.key(DENSE, 1.0, t)) is not None
              and store.get(spec.key(DENSE, 1.0, t))["metrics"][spec.metric_for(t)]]
-    values = _scoring_values(frame, site, tasks)
+    values = values_every_task_has(frame, site, tasks)
     if not tasks or not values:
         return None
     dense = {t: store.get(spec.key(DENSE, 1.0, t))["items"] for t in tasks}

@@ -19,7 +19,7 @@ from common.analysis import figures as plots
 from common.analysis.critical import (bootstrap_critical, bootstrap_indices, critical_sparsity,
                                       isotonic_crossing, isotonic_interval, mcnemar_exact, paired_bootstrap_ratio,
                                       perplexity_curves, task_average_curves)
-from common.analysis.orderings import choice_kl_items, site_orderings
+from common.analysis.orderings import choice_kl_items, site_orderings, values_every_task_has
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
 from common.evaluation.sweep import DENSE, SweepSpec, early_stop, measured_sparsity, perplexity
 from common.evaluation.tasks import PERPLEXITY_TASKS
@@ -113,8 +113,8 @@ def critical_table(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, thr
                                     "isotonic": _isotonic_reading(rows.measured_sparsity.to_numpy(), [item_scores],
                                                                   [dense_items], threshold, iterations)}
         scoring_rows = site_rows[site_rows.task.isin(scoring)]
-        present = scoring_rows.groupby("value").task.nunique()  # the average needs every task of the site
-        scoring_rows = scoring_rows[scoring_rows.value.isin(present[present == scoring_rows.task.nunique()].index)]
+        scoring_rows = scoring_rows[scoring_rows.value.isin(
+            values_every_task_has(scoring_rows, site, scoring_rows.task.unique()))]
         if not scoring_rows.empty:
             average = scoring_rows.groupby("value", as_index=False)[["measured_sparsity", "normalized"]].mean()
             average_crit = critical_sparsity(average.measured_sparsity, average.normalized, threshold, average.value)
@@ -167,7 +167,7 @@ def _task_average_isotonic(store: ResultStore, spec: SweepSpec, site: str, site_
     non-zero dense score has (measured sparsity averaged over those tasks, as in the search)."""
     rows = site_rows[~site_rows.task.isin(list(PERPLEXITY_TASKS)) & site_rows.normalized.notna()]
     tasks = sorted(rows.task.unique())
-    values = sorted(set.intersection(*(set(rows[rows.task == t].value) for t in tasks))) if tasks else []
+    values = values_every_task_has(rows, site, tasks)
     if not values:
         return {}
     sparse_items, dense_items = [], []
