@@ -93,6 +93,17 @@ class SparsityRecorder:
         finally:
             self.enabled = saved
 
+    def snapshot(self) -> tuple[dict, ...]:
+        """The counts so far, for ``restore``. Cheap: counts are replaced, never updated in place."""
+        return tuple(dict(counts) for counts in (self.kept, self.counted, self.forwards, self.expert_kept,
+                                                 self.expert_counted, self.expert_routed))
+
+    def restore(self, snapshot: tuple[dict, ...]) -> None:
+        """Forget what was counted since ``snapshot`` (a pass that failed midway and runs again).
+        Observers are not rewound."""
+        (self.kept, self.counted, self.forwards, self.expert_kept, self.expert_counted,
+         self.expert_routed) = (dict(counts) for counts in snapshot)
+
     def begin_call(self, attention_mask: torch.Tensor | None, phase: str | None) -> None:
         """Called by the hooks before each model forward."""
         if attention_mask is not None and attention_mask.dim() == 2:

@@ -376,3 +376,49 @@ def test_lm_eval_path_in_memory_safe_slices_gives_the_same_loglikelihoods(manage
     assert outputs[None, "batches"] > 1 and outputs[1, "batches"] == 1
     for a, b in zip(*(sorted(outputs[m]["samples"]["fables_ppl"], key=lambda s: s["doc_id"]) for m in (None, 1))):
         assert a["filtered_resps"][0] == pytest.approx(b["filtered_resps"][0], rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("shared_context", [True, False])
+def test_running_out_of_device_memory_scores_again_at_fewer_rows(manager, shared_context):
+    """A forward of more than 9 rows (one item's choices fit) fails halfway through the model with the
+    error CUDA raises: the
+    bridge forgets that pass's counts, halves its rows per forward and scores again. Log-likelihoods
+    equal an unconstrained run's; so do the sparsity counts, which the failed passes would inflate."""
+    model = tiny_model("llama")
+    max_rows = {"value": None}
+
+    def out_of_memory(module, args, kwargs):  # on the second layer: the first has counted already
+        hidden = kwargs.get("hidden_states") if kwargs.get("hidden_states") is not None else args[0]
+        if max_rows["value"] is not None and hidden.shape[0] > max_rows["value"]:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    model.model.layers[1].register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    outputs, statistics = {}, {}
+    for rows in (None, 9):
+        max_rows["value"] = rows
+        lm = SparseHFLM(pretrained=model, tokenizer=char_tokenizer(), batch_size=16, sites="intermediate", value=0.8,
+                        shared_context=shared_context)
+        if rows is None:
+            outputs[rows] = _evaluate(lm, manager, tasks=TASKS, limit=6)
+        else:
+            with pytest.warns(UserWarning, match="out of device memory at 16 rows per forward"):
+                outputs[rows] = _evaluate(lm, manager, tasks=TASKS, limit=6)
+            assert lm._rows_cap == 8
+        statistics[rows] = lm.sparsity_statistics()
+    for task in TASKS:
+        responses = [[np.ravel([r[0] if isinstance(r, (list, tuple)) else r for r in s["filtered_resps"]])
+                      for s in sorted(outputs[rows]["samples"][task], key=lambda s: s["doc_id"])] for rows in (None, 9)]
+        assert len(responses[0]) == len(responses[1]) == 6
+        for a, b in zip(*responses):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-4)
+    assert statistics[9] == statistics[None] and statistics[None]["summary"]
+
+
+def test_out_of_memory_at_one_row_is_raised(manager):
+    model = tiny_model("llama")
+    model.model.layers[1].register_forward_pre_hook(
+        lambda module, args: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory (simulated)")))
+    lm = SparseHFLM(pretrained=model, tokenizer=char_tokenizer(), batch_size=4, sites="intermediate", value=0.8)
+    with pytest.warns(UserWarning), pytest.raises(torch.OutOfMemoryError):
+        _evaluate(lm, manager, limit=2)
+    assert lm._rows_cap == 1
