@@ -19,8 +19,10 @@ Model (items independent within a task, tasks independent):
   including a wrong bracket (a noisy point beyond b that is really below c), which the delta
   method within the bracket (``crossing_se``) ignores.
 
-More items go only to a, b, the sparser points whose upper band still reaches c, and dense
-(every ratio needs it on the same items). Each task gets n_t ∝ sqrt(V_t) items (V_t its
+More items go only to a, b, the sparser points whose upper band still reaches c, the denser
+points within ``target_halfwidth`` of the crossing whose lower band falls below c (the lower end
+of the interval is the last point whose lower band clears c: where a itself sits too close to c
+for that, such a neighbour can pin it), and dense (every ratio needs it on the same items). Each task gets n_t ∝ sqrt(V_t) items (V_t its
 per-item variance of the crossing, delta method: the allocation with the fewest items for a
 given variance), growing at most ``max_growth``-fold per step since the variances are
 estimated. Items are a prefix of each task's (shuffled) order, so a plan is a list of "score
@@ -180,13 +182,15 @@ def plan_items(dense: Mapping[str, object], sparse: Mapping[float, Mapping[str, 
         return ItemPlan("no_crossing", where.format(threshold), math.nan, math.nan, None, **base)
 
     standard_errors = np.array([curve[v][1] for v in values])
-    x_low, _, _ = fitted_crossing(s, a_scores - Z95 * standard_errors, threshold)
+    x_low, _, k_low = fitted_crossing(s, a_scores - Z95 * standard_errors, threshold)
     x_high, high_status, k_high = fitted_crossing(s, a_scores + Z95 * standard_errors, threshold)
     # an upper band above c at the sparsest point leaves the interval open beyond the grid
     halfwidth = math.inf if high_status == "all_above" else max(crossing - x_low, x_high - crossing)
     va, vb = values[k], values[k + 1]
     # sparser points whose upper bound still reaches the threshold may hold the crossing: they get items too
     open_beyond = [values[j] for j in range(k + 2, min(k_high + 1, len(values)))]
+    # denser points near enough to end the interval within the target, whose lower band misses c
+    open_below = [values[j] for j in range(k_low + 1, k) if s[j] >= crossing - target_halfwidth]
     width = s[k + 1] - s[k]
     gap = a_scores[k] - a_scores[k + 1]
     grad_a = width * (threshold - a_scores[k + 1]) / gap**2
@@ -208,7 +212,7 @@ def plan_items(dense: Mapping[str, object], sparse: Mapping[float, Mapping[str, 
     scale = delta_halfwidth / halfwidth if 0 < halfwidth < math.inf else 1.0
     needed = _allocation(per_task, available, (target_halfwidth * scale / Z95 * len(tasks)) ** 2)
     base["needed"] = needed
-    planned = (va, vb, *open_beyond)
+    planned = (*open_below, va, vb, *open_beyond)
     enough_items = all(used[v][t] >= min(min_items, available[t]) for v in (va, vb) for t in tasks)
     if halfwidth <= target_halfwidth and enough_items:
         return ItemPlan("target_reached", f"95% half-width {halfwidth:.4f} <= {target_halfwidth}", **base)

@@ -112,6 +112,22 @@ def test_first_plan_asks_for_the_bracket_and_dense_from_the_scored_prefix():
     assert str(ItemRequest("b", 0.8, 500, 1000)) == "score items [500, 1000) of task b at threshold 0.8"
 
 
+def test_a_denser_point_within_the_target_of_the_crossing_gets_items_while_its_lower_band_misses():
+    """The interval's lower end is the last point whose lower band clears 0.99: a denser point within
+    the target half-width of the crossing gets items with the bracket; one further away does not."""
+    tasks = PairedTasks(3)
+    dense, sparse = tasks.scored(_start(500))
+    grid = {v: s for v, (s, _) in GRID.items()}
+    near = {**grid, 0.90: 0.54}  # just denser than a = 0.85 (0.55); crossing about 0.62 on these items
+    plan = plan_items(dense, sparse, near, {t: AVAILABLE for t in ACCURACY}, target_halfwidth=0.1)
+    assert plan.bracket == (0.85, 0.80) and plan.crossing - 0.1 <= 0.54 < plan.crossing
+    for value in (0.90, 0.85):  # 500 items cannot lift either lower band over 0.99
+        assert plan.normalized[value][0] - 1.96 * plan.normalized[value][1] < 0.99
+    assert {r.threshold for r in plan.requests} == {DENSE, 0.90, 0.85, 0.80}
+    far = plan_items(dense, sparse, grid, {t: AVAILABLE for t in ACCURACY}, target_halfwidth=0.1)  # 0.90 at 0.45
+    assert {r.threshold for r in far.requests} == {DENSE, 0.85, 0.80}
+
+
 def test_crossing_and_errors_match_critical_sparsity_and_a_bootstrap():
     tasks = PairedTasks(7)
     n = 8000
