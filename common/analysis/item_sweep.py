@@ -89,8 +89,12 @@ class ItemCells:
 
 
 def run_item_planned(runner, target_halfwidth: float, max_items: int, start_items: int = DEFAULT_START_ITEMS,
-                     threshold: float = 0.99) -> list[dict]:
-    """The item-planned sweep of this runner's shard of sites (site i goes to shard i mod N)."""
+                     threshold: float = 0.99, progress=None) -> list[dict]:
+    """The item-planned sweep of this runner's shard of sites (site i goes to shard i mod N).
+
+    ``progress(records)``, when given, receives after every planning step the records of the
+    finished sites and the current one (its ``stopped`` is "continue" until it stops), so a run
+    that is interrupted, or runs for days, leaves its latest crossing and interval on disk."""
     count, index = runner.shard[1], runner.shard[0]
     spec = runner.spec
     tasks = [t for t in spec.tasks if t not in PERPLEXITY_TASKS]
@@ -100,12 +104,16 @@ def run_item_planned(runner, target_halfwidth: float, max_items: int, start_item
     sizes = {task: task_size(task, runner.task_manager) for task in tasks}
     cells = ItemCells(runner)
     sites = [site for position, site in enumerate(spec.sites) if position % count == index]
-    return [plan_site(runner, cells, site, tasks, sizes, target_halfwidth, max_items, start_items, threshold)
-            for site in sites]
+    done: list[dict] = []
+    for site in sites:
+        report = (lambda record: progress([*done, record])) if progress is not None else None
+        done.append(plan_site(runner, cells, site, tasks, sizes, target_halfwidth, max_items, start_items,
+                              threshold, report))
+    return done
 
 
 def plan_site(runner, cells: ItemCells, site: str, tasks: list[str], sizes: dict, target_halfwidth: float,
-              max_items: int, start_items: int, threshold: float) -> dict:
+              max_items: int, start_items: int, threshold: float, report=None) -> dict:
     spec = runner.spec
     first = {task: min(start_items, sizes[task]) for task in tasks}
     for task in tasks:
@@ -145,20 +153,20 @@ def plan_site(runner, cells: ItemCells, site: str, tasks: list[str], sizes: dict
         if runner.verbose:
             print(f"item plan {site}: crossing {plan.crossing:.3f} ± {plan.halfwidth:.3f} after {plan.total_items} "
                   f"evaluations; {plan.reason}")
+        record = {"site": site, "tasks": used, "target_halfwidth": target_halfwidth, "max_items": max_items,
+                  "start_items": start_items, "threshold": threshold, "plan": plan.as_dict(), "steps": steps,
+                  "stopped": plan.status, "reason": plan.reason, "early_stop": stop}
+        if plan.bracket is not None:
+            record["mcnemar"] = _mcnemar(cells, spec, site, used, plan.bracket[0])
+        if report is not None:
+            report(record)
         if plan.status != "continue":
-            break
+            return record
         for request in plan.requests:
             if request.threshold == DENSE:
                 cells.extend(DENSE, 1.0, request.task, request.stop)
             else:
                 cells.extend(site, request.threshold, request.task, request.stop)
-
-    out = {"site": site, "tasks": used, "target_halfwidth": target_halfwidth, "max_items": max_items,
-           "start_items": start_items, "threshold": threshold, "plan": plan.as_dict(), "steps": steps,
-           "stopped": plan.status, "reason": plan.reason, "early_stop": stop}
-    if plan.bracket is not None:
-        out["mcnemar"] = _mcnemar(cells, spec, site, used, plan.bracket[0])
-    return out
 
 
 def _scores(items: list[dict], metric: str) -> np.ndarray:

@@ -90,13 +90,20 @@ def print_summary(summary: dict, ppl_percent: float) -> None:
 
 
 def run_item_planned_sweep(args, runner: SweepRunner, output: Path, shard: tuple[int, int]) -> dict:
-    """The item-planned sweep of this shard's sites; writes item_plan[_shard K of N].json and prints
-    per site the crossing, its interval, why it stopped and the items used."""
-    plans = run_item_planned(runner, args.target_halfwidth, args.max_items, args.start_items, args.threshold)
+    """The item-planned sweep of this shard's sites; writes item_plan[_shard K of N].json after every
+    planning step (a site still running reads "continue") and prints per site the crossing, its
+    interval, why it stopped and the items used."""
     name = "item_plan.json" if shard[1] == 1 else f"item_plan_shard{shard[0] + 1}of{shard[1]}.json"
-    summary = {"spec": runner.spec.as_dict(), "sites": plans, "orderings": decided_orderings(plans),
-               "provenance": runner.store.provenance}
-    atomic_write_json(output / name, summary)
+
+    def write(plans: list[dict]) -> dict:
+        summary = {"spec": runner.spec.as_dict(), "sites": plans, "orderings": decided_orderings(plans),
+                   "provenance": runner.store.provenance}
+        atomic_write_json(output / name, summary)
+        return summary
+
+    plans = run_item_planned(runner, args.target_halfwidth, args.max_items, args.start_items, args.threshold,
+                             progress=write)
+    summary = write(plans)
     for plan in plans:
         low, high = plan["plan"]["interval"]
         used = plan["plan"]["items_used"]

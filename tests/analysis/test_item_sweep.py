@@ -1,5 +1,6 @@
 """The item-planned sweep wired to store cells: item-range cells, resume, budget, where items go."""
 
+import json
 import zlib
 
 from common.analysis.item_sweep import ItemCells, decided_orderings, run_item_planned
@@ -40,12 +41,13 @@ class ItemRunner(SweepRunner):
                 {site: {"element_weighted": sparsity, "mean_over_layers": sparsity, "counted": counted}}}
 
 
-def _run(monkeypatch, store, max_items, sites=("intermediate",), stop_below=None):
+def _run(monkeypatch, store, max_items, sites=("intermediate",), stop_below=None, progress=None):
     monkeypatch.setattr("common.analysis.item_sweep.task_size", lambda task, manager: TASKS[task])
     spec = SweepSpec(model="synthetic", sites=list(sites), tasks=list(TASKS) + ["fables_ppl"], grid=list(GRID),
                      stop_below=stop_below)
     runner = ItemRunner(spec, store)
-    return runner, run_item_planned(runner, target_halfwidth=0.02, max_items=max_items, start_items=50)
+    return runner, run_item_planned(runner, target_halfwidth=0.02, max_items=max_items, start_items=50,
+                                    progress=progress)
 
 
 def _ranges(evaluated):
@@ -71,6 +73,38 @@ def test_items_go_around_the_crossing_within_the_budget_and_never_twice(monkeypa
         assert all(n == 50 for n in used[value].values()), (value, used[value])
     assert sum(used[low].values()) > 100 and sum(used[high].values()) > 100
     assert plan["mcnemar"]["value"] == low and plan["mcnemar"]["items"] == sum(used[low].values())
+
+
+def test_every_planning_step_is_reported_and_the_last_report_is_the_result(monkeypatch, tmp_path):
+    reports = []  # copies as written at the time (a long run's item_plan file after each step)
+    _, plans = _run(monkeypatch, ResultStore(tmp_path / "store"), max_items=3000, sites=("intermediate", "input"),
+                    progress=lambda records: reports.append(json.loads(json.dumps(records))))
+    assert reports[-1] == json.loads(json.dumps(plans)) and len(plans) == 2
+    first_done = next(i for i, records in enumerate(reports) if records[-1]["stopped"] != "continue")
+    first_site = reports[: first_done + 1]
+    assert len(first_site) > 1 and all(len(records) == 1 for records in first_site)
+    totals = [records[0]["plan"]["total_items"] for records in first_site]  # the interval as it narrows
+    assert totals == sorted(totals) and [r[0]["stopped"] for r in first_site[:-1]] == ["continue"] * first_done
+    for records in reports[first_done + 1:]:  # the second site's reports carry the first site's result
+        assert len(records) == 2 and records[0] == reports[first_done][0] and records[1]["site"] == "input"
+
+
+def test_the_plan_file_is_rewritten_after_every_step(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import common.cli.sweep as cli
+
+    monkeypatch.setattr("common.analysis.item_sweep.task_size", lambda task, manager: TASKS[task])
+    store = ResultStore(tmp_path / "store")
+    runner = ItemRunner(SweepSpec(model="synthetic", sites=["intermediate"], tasks=list(TASKS), grid=list(GRID)), store)
+    written, write = [], cli.atomic_write_json
+    monkeypatch.setattr(cli, "atomic_write_json", lambda path, data: (written.append(json.loads(json.dumps(data))),
+                                                                       write(path, data)))
+    args = SimpleNamespace(target_halfwidth=0.02, max_items=3000, start_items=50, threshold=0.99)
+    summary = cli.run_item_planned_sweep(args, runner, store.root, (0, 1))
+    on_disk = json.loads((store.root / "item_plan.json").read_text())
+    assert on_disk == written[-1] == json.loads(json.dumps(summary))
+    assert written[0]["sites"][0]["stopped"] == "continue" and on_disk["sites"][0]["stopped"] != "continue"
 
 
 def test_resuming_scores_nothing_and_a_larger_budget_only_new_items(monkeypatch, tmp_path):
