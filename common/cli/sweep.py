@@ -6,6 +6,7 @@ after that is here, once.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from common.analysis.item_sweep import decided_orderings, run_item_planned
@@ -89,14 +90,30 @@ def print_summary(summary: dict, ppl_percent: float) -> None:
         print(f"{'':>12}  {search['cells_evaluated']} new cells")
 
 
+def other_shards_sites(output: Path, shard: tuple[int, int]) -> list[dict]:
+    """The site records the other shards of this item-planned sweep have written so far (sites go to
+    shards one by one, so orderings between sites need every shard's file)."""
+    records = []
+    for k in range(shard[1]):
+        path = output / f"item_plan_shard{k + 1}of{shard[1]}.json"
+        if k != shard[0] and path.is_file():
+            try:
+                records += json.loads(path.read_text())["sites"]
+            except (OSError, ValueError, KeyError):  # being replaced, or not a plan file: read next time
+                continue
+    return records
+
+
 def run_item_planned_sweep(args, runner: SweepRunner, output: Path, shard: tuple[int, int]) -> dict:
     """The item-planned sweep of this shard's sites; writes item_plan[_shard K of N].json after every
-    planning step (a site still running reads "continue") and prints per site the crossing, its
-    interval, why it stopped and the items used."""
+    planning step (a site still running reads "continue"; the orderings read every shard's sites)
+    and prints per site the crossing, its interval, why it stopped and the items used."""
     name = "item_plan.json" if shard[1] == 1 else f"item_plan_shard{shard[0] + 1}of{shard[1]}.json"
 
     def write(plans: list[dict]) -> dict:
-        summary = {"spec": runner.spec.as_dict(), "sites": plans, "orderings": decided_orderings(plans),
+        order = {site: i for i, site in enumerate(runner.spec.sites)}  # the same pairs in every shard's file
+        everyone = sorted(plans + other_shards_sites(output, shard), key=lambda r: order.get(r["site"], len(order)))
+        summary = {"spec": runner.spec.as_dict(), "sites": plans, "orderings": decided_orderings(everyone),
                    "provenance": runner.store.provenance}
         atomic_write_json(output / name, summary)
         return summary

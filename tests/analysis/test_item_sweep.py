@@ -107,6 +107,24 @@ def test_the_plan_file_is_rewritten_after_every_step(monkeypatch, tmp_path):
     assert written[0]["sites"][0]["stopped"] == "continue" and on_disk["sites"][0]["stopped"] != "continue"
 
 
+def test_shards_order_sites_across_their_plan_files(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import common.cli.sweep as cli
+
+    monkeypatch.setattr("common.analysis.item_sweep.task_size", lambda task, manager: TASKS[task])
+    store = ResultStore(tmp_path / "store")
+    spec = SweepSpec(model="synthetic", sites=["intermediate", "input"], tasks=list(TASKS), grid=list(GRID))
+    args = SimpleNamespace(target_halfwidth=0.02, max_items=3000, start_items=50, threshold=0.99)
+    first = cli.run_item_planned_sweep(args, ItemRunner(spec, store, shard=(0, 2)), store.root, (0, 2))
+    second = cli.run_item_planned_sweep(args, ItemRunner(spec, store, shard=(1, 2)), store.root, (1, 2))
+    assert [s["site"] for s in first["sites"]] == ["intermediate"] and first["orderings"] == []  # alone so far
+    assert [s["site"] for s in second["sites"]] == ["input"]
+    [ordering] = second["orderings"]
+    assert ordering == decided_orderings(first["sites"] + second["sites"])[0]
+    assert json.loads((store.root / "item_plan_shard2of2.json").read_text())["orderings"] == [ordering]
+
+
 def test_resuming_scores_nothing_and_a_larger_budget_only_new_items(monkeypatch, tmp_path):
     store = ResultStore(tmp_path / "store")
     first, [plan] = _run(monkeypatch, store, max_items=2000)
