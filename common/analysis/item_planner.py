@@ -22,10 +22,10 @@ Model (items independent within a task, tasks independent):
 More items go only to a, b, the sparser points whose upper band still reaches c, the denser
 points within ``target_halfwidth`` of the crossing whose lower band falls below c (the lower end
 of the interval is the last point whose lower band clears c: where a itself sits too close to c
-for that, such a neighbour can pin it), and dense (every ratio needs it on the same items). Each task gets n_t ∝ sqrt(V_t) items (V_t its
-per-item variance of the crossing, delta method: the allocation with the fewest items for a
-given variance), growing at most ``max_growth``-fold per step since the variances are
-estimated. Items are a prefix of each task's (shuffled) order, so a plan is a list of "score
+for that, such a neighbour can pin it), and dense (every ratio needs it on the same items). Each
+task gets n_t ∝ sqrt(V_t) items (V_t its per-item variance of the crossing, delta method: the
+allocation with the fewest items for a given variance), growing at most ``max_growth``-fold per
+step since the variances are estimated. Items are a prefix of each task's (shuffled) order, so a plan is a list of "score
 items [start, stop) of task T at threshold p" and never rescores an item.
 """
 
