@@ -6,14 +6,13 @@ ship their published config.json), a local directory, or the hub cache; a hub id
 these is reported as needing its config from the hub. Memory needed = the weights in the chosen
 dtype + the largest single activation a study holds (see ``largest_activation``); it is compared
 with the free memory of the visible CUDA devices (device_map=auto spreads the weights over them)
-or, on CPU, with the free host RAM (os.sysconf).
+or, on CPU, with the available host RAM (free plus the page cache the kernel gives back).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,8 +173,10 @@ def visible_memory(device: str) -> list[DeviceMemory]:
             free, total = torch.cuda.mem_get_info(index)
             out.append(DeviceMemory(f"cuda:{index} ({torch.cuda.get_device_name(index)})", free, total))
         return out
-    page = os.sysconf("SC_PAGE_SIZE")
-    return [DeviceMemory("cpu RAM", os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page)]
+    import psutil  # installed with accelerate
+
+    memory = psutil.virtual_memory()  # available, not free: the page cache is given back on demand
+    return [DeviceMemory("cpu RAM", memory.available, memory.total)]
 
 
 def model_plan(name: str, dtype: torch.dtype, device: str = "cpu", batch: int = DEFAULT_BATCH,

@@ -103,6 +103,22 @@ def test_plan_is_printed_and_refuses_in_one_line(capsys):
     assert "needs meta-llama/not-cached-anywhere's config.json from the hub" in capsys.readouterr().out
 
 
+def test_host_memory_counts_the_page_cache_as_available(monkeypatch):
+    """A machine whose RAM is mostly page cache (a checkpoint just read) has room: the plan reads
+    the kernel's available memory, not its free memory."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from common.models.plan import visible_memory
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=24 * GIB, free=6 * GIB,
+                                                                          available=21 * GIB))
+    [ram] = visible_memory("cpu")
+    assert (ram.free, ram.total) == (21 * GIB, 24 * GIB)
+    assert print_plan("olmoe-1b-7b", torch.bfloat16, "cpu", batch=1, sequence=8).need_bytes < ram.free
+
+
 # ---- LLaDA checkpoint layout -------------------------------------------------------------------------------------
 
 def test_every_llada_checkpoint_name_maps_onto_a_parameter_of_the_right_shape():
