@@ -67,6 +67,7 @@ class ItemPlan:
     items_used: dict  # DENSE or threshold -> {task: items scored}
     total_items: int  # evaluations scored so far, dense included
     crossing_se: float = math.nan  # delta-method standard error of the crossing within its bracket
+    band: tuple | None = None  # (low, high): crossings of the curve shifted down / up; high is inf while open
     needed: dict = field(default_factory=dict)  # task -> items per bracketing threshold the target needs
     requests: list = field(default_factory=list)  # ItemRequest, the next step (empty once stopped)
 
@@ -207,7 +208,8 @@ def plan_items(dense: Mapping[str, object], sparse: Mapping[float, Mapping[str, 
         per_task[t] = max(grad_a**2 * var_a * psi_a.size + grad_b**2 * var_b * psi_b.size
                           + 2 * grad_a * grad_b * cov * max(psi_a.size, psi_b.size), 0.0)
     delta_halfwidth = Z95 * math.sqrt(max(variance, 0.0)) / len(tasks)
-    base.update(crossing=crossing, halfwidth=halfwidth, bracket=(va, vb), crossing_se=delta_halfwidth / Z95)
+    base.update(crossing=crossing, halfwidth=halfwidth, bracket=(va, vb), crossing_se=delta_halfwidth / Z95,
+                band=(x_low, math.inf if high_status == "all_above" else x_high))
     # the delta method sizes the allocation; scaled to the band interval the stopping rule reads
     scale = delta_halfwidth / halfwidth if 0 < halfwidth < math.inf else 1.0
     needed = _allocation(per_task, available, (target_halfwidth * scale / Z95 * len(tasks)) ** 2)

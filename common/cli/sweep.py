@@ -124,7 +124,9 @@ def run_item_planned_sweep(args, runner: SweepRunner, output: Path, shard: tuple
     for plan in plans:
         low, high = plan["plan"]["interval"]
         used = plan["plan"]["items_used"]
+        band = plan["plan"].get("band") or (low, high)
         print(f"{plan['site']:>12}: crossing={plan['plan']['crossing']:.3f} [{low:.3f}, {high:.3f}] "
+              f"(band {band[0]:.3f} to {band[1]:.3f}) "
               f"({plan['stopped']}: {plan['reason']}); {plan['plan']['total_items']} evaluations; items per "
               "threshold: " + ", ".join(f"{value}: {sum(tasks.values())}" for value, tasks in used.items()))
     for ordering in summary["orderings"]:

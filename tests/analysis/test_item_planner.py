@@ -152,6 +152,12 @@ def test_crossing_and_errors_match_critical_sparsity_and_a_bootstrap():
     low, high = np.percentile(crossings, [2.5, 97.5])
     assert plan.interval[0] <= low < high <= plan.interval[1]
     assert plan.halfwidth <= 0.75 * (high - low)
+    # its ends: the crossings of the curve shifted down and up by 1.96 standard errors, read again here
+    errors = np.array([plan.normalized[v][1] for v in values])
+    shifted = [critical_sparsity([sparsity[v] for v in values], curve + sign * 1.959964 * errors).interpolated
+               for sign in (-1, 1)]
+    assert plan.band == pytest.approx(tuple(shifted)) and plan.band[0] < plan.crossing < plan.band[1]
+    assert plan.halfwidth == pytest.approx(max(plan.crossing - plan.band[0], plan.band[1] - plan.crossing))
 
 
 def test_paired_ratio_influence_reproduces_the_delta_variance():
@@ -198,7 +204,7 @@ def test_interval_stays_open_while_the_sparsest_point_may_still_pass():
     two = {v: sparse[v] for v in (0.85, 0.80)}
     plan = plan_items(dense, two, {0.85: 0.55, 0.80: 0.62}, {t: AVAILABLE for t in ACCURACY})
     assert plan.normalized[0.80][0] + 1.96 * plan.normalized[0.80][1] >= 0.99  # 300 items cannot exclude it
-    assert plan.halfwidth == float("inf") and plan.status == "continue"
+    assert plan.halfwidth == float("inf") and plan.band[1] == float("inf") and plan.status == "continue"
     assert {r.threshold for r in plan.requests} == {DENSE, 0.85, 0.80}
 
 
