@@ -2,11 +2,14 @@
 
     python scripts/report_tables.py results/dense_sweep/smollm2-135m results/moe_experts/moefied-smollm2-135m
     python scripts/report_tables.py --search-vs-grid SEARCH_FOLDER GRID_FOLDER
+    python scripts/report_tables.py --item-estimate GRID_FOLDER [TARGET_HALFWIDTH (default 0.05)]
+    python scripts/report_tables.py --models GRID_FOLDER_A GRID_FOLDER_B
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -68,22 +71,27 @@ def orderings_table(rows: list[dict]) -> None:
     site named where the interval excludes 0."""
     if not rows:
         return
-    levels = sorted({r["level"] for r in rows})
     print("\nSites at the same measured sparsity (columns): difference a - b [95% paired-bootstrap interval]; "
           "where the interval excludes 0, the better site after the arrow (accuracy and perplexity: higher is "
           "better; answer KL: lower).\n")
-    print("| a vs b | measure | " + " | ".join(f"{level:g}" for level in levels) + " |")
+    levels_table(rows, "a vs b", lambda r: f"{r['sites'][0]} vs {r['sites'][1]}")
+
+
+def levels_table(rows: list[dict], first_column: str, label) -> None:
+    """One row per (label(row), measure), one column per measured-sparsity level."""
+    levels = sorted({r["level"] for r in rows})
+    print(f"| {first_column} | measure | " + " | ".join(f"{level:g}" for level in levels) + " |")
     print("|---|---|" + "---|" * len(levels))
     groups: dict = {}
     for r in rows:
-        groups.setdefault((tuple(r["sites"]), r["measure"] + (f" ({r['task']})" if "task" in r else "")), {})[r["level"]] = r
-    for (sites, measure), by_level in groups.items():
+        groups.setdefault((label(r), r["measure"] + (f" ({r['task']})" if "task" in r else "")), {})[r["level"]] = r
+    for (name, measure), by_level in groups.items():
         cells = []
         for level in levels:
             r = by_level.get(level)
             cells.append("-" if r is None else f"{r['difference']:+.3f} [{r['interval'][0]:+.3f}, {r['interval'][1]:+.3f}]"
                          + (f" → {r['better']}" if r["decided"] else ""))
-        print(f"| {sites[0]} vs {sites[1]} | {measure} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {measure} | " + " | ".join(cells) + " |")
 
 
 def moe_tables(folder: Path) -> None:
@@ -136,7 +144,106 @@ def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
     print(f"\nAn accuracy value costs {len(scoring)} scoring tasks + the perplexity task; a PPL-only value one cell.\n")
 
 
+def item_estimate(folder: Path, target_halfwidth: float) -> None:
+    """Per site of a finished sweep: what an item-planned sweep to +-target_halfwidth would cost (the
+    planner's estimate from the folder's items; nothing is evaluated)."""
+    from common.analysis.item_sweep import estimate_items
+    from common.evaluation.store import ResultStore
+
+    spec = _spec(folder)
+    rows = estimate_items(ResultStore(folder), spec, target_halfwidth)
+    print(f"Item planner's estimate for +-{target_halfwidth:g} in sparsity, from {folder.name} "
+          f"({spec.model}, {spec.dtype}): items per task at dense and at each planned value, and the evaluations "
+          "beyond those scored (dense and the bracket only, to every value planned now), at this store's measured "
+          "cost per item and value (seconds in brackets).\n")
+    print("| site | crossing (band) on the scored items | planned values | items per task needed (scored) "
+          "| more evaluations | core-hours |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        if "evaluations" not in row:
+            print(f"| {row['site']} | {row['status']}: {row['reason']} | | | | |")
+            continue
+        band = row["band"] or (math.nan, math.nan)
+        needed = ", ".join(f"{task} {n:,} ({row['scored'][task]})" for task, n in row["needed"].items())
+        low, high = row["evaluations"]
+        hours = "-" if row["core_hours"] is None else (f"{row['core_hours'][0]:.1f} to {row['core_hours'][1]:.1f} "
+                                                       f"({row['seconds_per_evaluation']:.3f} s)")
+        print(f"| {row['site']} | {row['crossing']:.3f} ({band[0]:.3f} to {band[1]:.3f}) "
+              f"| {', '.join(f'{v:g}' for v in row['planned'])} | {needed} | {low:,} to {high:,} | {hours} |")
+    print()
+
+
+def _spec(folder: Path):
+    from common.evaluation.sweep import SweepSpec
+
+    return SweepSpec(**json.loads((folder / "critical.json").read_text())["spec"])
+
+
+def _sweep(folder: Path):
+    """(store, spec, tidy frame) of a finished sweep folder."""
+    import pandas as pd
+
+    from common.evaluation.store import ResultStore
+
+    return ResultStore(folder), _spec(folder), pd.read_csv(folder / "tidy.csv")
+
+
+def _disjoint(name_a: str, a: dict | None, name_b: str, b: dict | None) -> str:
+    if not a or not b:
+        return "-"
+    if a["interval"][0] > b["interval"][1]:
+        return f"{name_a} sparser"
+    if b["interval"][0] > a["interval"][1]:
+        return f"{name_b} sparser"
+    return "undecided (intervals overlap)"
+
+
+def models_tables(folder_a: Path, folder_b: Path) -> None:
+    """Two models' sweeps on the same items: critical sparsities side by side, then the curves
+    compared at the same measured sparsity (paired over items)."""
+    from common.analysis.orderings import compare_models
+
+    first, second = _sweep(folder_a), _sweep(folder_b)
+    name_a, name_b = first[1].model, second[1].model
+    critical = [{c["site"]: c for c in json.loads((f / "critical.json").read_text())["critical"]}
+                for f in (folder_a, folder_b)]
+    print(f"Critical sparsity, {name_a} against {name_b}: isotonic crossing [95% interval] of the task-average "
+          "accuracy curve and of PPL-1%; decided where the intervals are disjoint.\n")
+    print(f"| site | accuracy: {name_a} | {name_b} | verdict | PPL-1%: {name_a} | {name_b} | verdict |")
+    print("|---|---|---|---|---|---|---|")
+    for site in [s for s in first[1].sites if s in critical[0] and s in critical[1]]:
+        readings = []
+        for kind in ("accuracy", "ppl"):
+            pair = []
+            for by_site in critical:
+                entry = by_site[site]
+                pair.append(entry.get("task_average_curve", {}).get("isotonic") if kind == "accuracy" else
+                            next((v.get("isotonic") for k, v in entry.items() if k.startswith("ppl_")), None))
+            cells = ["-" if r is None else f"{r['crossing']:.3f} [{_fmt(r['interval'][0])}, {_fmt(r['interval'][1])}]"
+                     for r in pair]
+            readings.append(" | ".join([*cells, _disjoint(name_a, pair[0], name_b, pair[1])]))
+        print(f"| {site} | " + " | ".join(readings) + " |")
+    rows = compare_models(first, second)
+    print(f"\nThe curves at the same measured sparsity (columns): {name_a} - {name_b} [95% paired-bootstrap "
+          "interval]; where the interval excludes 0, the better model after the arrow (accuracy and perplexity: "
+          "higher is better; answer KL: lower).\n")
+    levels_table(rows, "site", lambda r: r["site"])
+    print()
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--models"]:
+        folders = [Path(f) for f in sys.argv[2:4]]
+        if len(folders) != 2 or not all((f / "critical.json").is_file() and (f / "tidy.csv").is_file() for f in folders):
+            raise SystemExit("error: --models needs two finished sweep folders (with critical.json and tidy.csv)")
+        models_tables(*folders)
+        return
+    if sys.argv[1:2] == ["--item-estimate"]:
+        folder = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+        if folder is None or not (folder / "critical.json").is_file():
+            raise SystemExit(f"error: --item-estimate needs a finished sweep folder (with critical.json); got {folder}")
+        item_estimate(folder, float(sys.argv[3]) if len(sys.argv) > 3 else 0.05)
+        return
     if sys.argv[1:2] == ["--search-vs-grid"]:
         search_vs_grid(Path(sys.argv[2]), Path(sys.argv[3]))
         return

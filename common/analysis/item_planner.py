@@ -69,6 +69,7 @@ class ItemPlan:
     crossing_se: float = math.nan  # delta-method standard error of the crossing within its bracket
     band: tuple | None = None  # (low, high): crossings of the curve shifted down / up; high is inf while open
     needed: dict = field(default_factory=dict)  # task -> items per bracketing threshold the target needs
+    planned: tuple = ()  # the thresholds that get items (besides dense): the bracket and its open neighbours
     requests: list = field(default_factory=list)  # ItemRequest, the next step (empty once stopped)
 
     @property
@@ -213,8 +214,8 @@ def plan_items(dense: Mapping[str, object], sparse: Mapping[float, Mapping[str, 
     # the delta method sizes the allocation; scaled to the band interval the stopping rule reads
     scale = delta_halfwidth / halfwidth if 0 < halfwidth < math.inf else 1.0
     needed = _allocation(per_task, available, (target_halfwidth * scale / Z95 * len(tasks)) ** 2)
-    base["needed"] = needed
     planned = (*open_below, va, vb, *open_beyond)
+    base.update(needed=needed, planned=planned)
     enough_items = all(used[v][t] >= min(min_items, available[t]) for v in (va, vb) for t in tasks)
     if halfwidth <= target_halfwidth and enough_items:
         return ItemPlan("target_reached", f"95% half-width {halfwidth:.4f} <= {target_halfwidth}", **base)

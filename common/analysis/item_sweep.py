@@ -30,13 +30,14 @@ class ItemCells:
 
     Item-range cells (``SweepSpec.key`` with ``items``) and the grid's own cells (the first
     ``limit`` items, or all of them) both count, so planning on a folder that already holds a grid
-    starts from every item the grid scored."""
+    starts from every item the grid scored. ``evaluate`` (a ``SweepRunner.cell``) scores new
+    items; without it the cells are read only."""
 
-    def __init__(self, runner):
-        self.runner, self.spec = runner, runner.spec
+    def __init__(self, store, spec, evaluate=None):
+        self.store, self.spec, self.evaluate = store, spec, evaluate
         self.ranges: dict[tuple, list[tuple[int, int, dict]]] = defaultdict(list)
-        shared = {"model": self.spec.model, "dtype": self.spec.dtype, "device_type": self.spec.device_type}
-        for key, result in runner.store.records(**shared):
+        shared = {"model": spec.model, "dtype": spec.dtype, "device_type": spec.device_type}
+        for key, result in store.records(**shared):
             if not self._same_sweep(key):
                 continue
             start, stop = key["items"] if "items" in key else (0, len(result["items"]))
@@ -70,15 +71,26 @@ class ItemCells:
         """Score items up to ``stop`` (only those not scored yet)."""
         start = self.scored(site, value, task)
         if stop > start:
-            self.runner.cell(site, value, task, (start, stop))
+            if self.evaluate is None:
+                raise RuntimeError("these cells are read only: give ItemCells an evaluate function to score items")
+            self.evaluate(site, value, task, (start, stop))
             self.ranges[self._where(site, value, task)].append(
                 (start, stop, self.spec.key(site, value, task, (start, stop))))
+
+    def cost(self, site: str, value: float, task: str) -> tuple[float, int]:
+        """(seconds, items) of the cells holding the scored prefix, as their runs measured them."""
+        seconds, items = 0.0, 0
+        for _, _, key in self._chain(site, value, task):
+            result = self.store.get(key)
+            seconds += float(result.get("seconds") or 0.0)
+            items += len(result["items"])
+        return seconds, items
 
     def results(self, site: str, value: float, task: str) -> tuple[list[dict], float | None]:
         """(per-item records of the scored prefix, element-weighted measured sparsity over it)."""
         items, kept_weight, counted = [], 0.0, 0
         for start, stop, key in self._chain(site, value, task):
-            result = self.runner.store.get(key)
+            result = self.store.get(key)
             items += [item for item in result["items"] if start <= item["doc_id"] < stop]
             summary = result["sparsity"].get(site)
             if summary and summary.get("counted"):
@@ -102,7 +114,7 @@ def run_item_planned(runner, target_halfwidth: float, max_items: int, start_item
         raise ValueError("the item-planned sweep needs at least one multiple-choice task (perplexity tasks are "
                          "left to the grid and --search)")
     sizes = {task: task_size(task, runner.task_manager) for task in tasks}
-    cells = ItemCells(runner)
+    cells = ItemCells(runner.store, spec, runner.cell)
     sites = [site for position, site in enumerate(spec.sites) if position % count == index]
     done: list[dict] = []
     for site in sites:
@@ -167,6 +179,59 @@ def plan_site(runner, cells: ItemCells, site: str, tasks: list[str], sizes: dict
                 cells.extend(DENSE, 1.0, request.task, request.stop)
             else:
                 cells.extend(site, request.threshold, request.task, request.stop)
+
+
+def estimate_items(store, spec, target_halfwidth: float, threshold: float = 0.99) -> list[dict]:
+    """What an item-planned sweep to ±``target_halfwidth`` would cost, read from a finished sweep's store.
+
+    Per site, on the items the store holds at the spec's grid values: the planner's crossing and
+    band, the items per task it would score at each threshold it plans (dense, the bracket and its
+    open neighbours; tasks taken as unlimited: the question is how many items, not whether a suite
+    holds them), the evaluations beyond those already scored (a range: dense and the bracket only,
+    as once the open neighbours have settled, up to every value planned now), and their core-hours
+    at the store's own cost per item and value at that site (its cells' ``seconds``, so as loaded as
+    the machine that ran them). Nothing is evaluated.
+    """
+    cells = ItemCells(store, spec)
+    tasks = [t for t in spec.tasks if t not in PERPLEXITY_TASKS]
+    out = []
+    for site in spec.sites:
+        values = [v for v in grid_values(spec) if all(cells.scored(site, v, t) for t in tasks)]
+        scored_dense = [t for t in tasks if cells.scored(DENSE, 1.0, t)]
+        if len(values) < 2 or len(scored_dense) < len(tasks):
+            out.append({"site": site, "status": "not_enough_cells",
+                        "reason": f"{len(values)} grid values hold every task's items and dense holds "
+                                  f"{len(scored_dense)} of {len(tasks)} tasks; an estimate needs dense and two values"})
+            continue
+        dense, sparse, sparsity = _planner_inputs(cells, spec, site, tasks, values)
+        used = [t for t in tasks if dense[t].mean() > 0]
+        sparse = {v: {t: by_task[t] for t in used} for v, by_task in sparse.items()}
+        plan = plan_items({t: dense[t] for t in used}, sparse, sparsity, {t: _UNLIMITED for t in used},
+                          target_halfwidth=target_halfwidth, max_items=_UNLIMITED, threshold=threshold)
+        record = {"site": site, "status": plan.status, "reason": plan.reason, "tasks": used,
+                  "values": len(values), "crossing": plan.crossing, "band": plan.band, "halfwidth": plan.halfwidth,
+                  "bracket": plan.bracket, "planned": list(plan.planned), "scored": plan.items_used[DENSE],
+                  "needed": plan.needed}
+        if plan.needed:
+            def evaluations(at) -> int:
+                return sum(max(0, plan.needed[t] - plan.items_used[v][t]) for v in (DENSE, *at) for t in used)
+
+            # from the bracket alone (the open neighbours settle as items come) to every value planned now
+            record["evaluations"] = [evaluations(plan.bracket), evaluations(plan.planned)]
+            seconds, items = _cost(cells, site, values, used)
+            record["seconds_per_evaluation"] = seconds / items if items else None
+            record["core_hours"] = [n * seconds / items / 3600 for n in record["evaluations"]] if items else None
+        out.append(record)
+    return out
+
+
+_UNLIMITED = 10**12  # item count standing for "as many as the estimate asks for"
+
+
+def _cost(cells: ItemCells, site: str, values: list[float], tasks: list[str]) -> tuple[float, int]:
+    """(seconds, items) of the site's stored cells at ``values`` over ``tasks``."""
+    costs = [cells.cost(site, value, task) for value in values for task in tasks]
+    return sum(c[0] for c in costs), sum(c[1] for c in costs)
 
 
 def _scores(items: list[dict], metric: str) -> np.ndarray:

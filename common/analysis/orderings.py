@@ -113,25 +113,74 @@ def compare_sites(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, site
                   levels=DEFAULT_LEVELS, iterations: int = 1000) -> list[dict]:
     """Site a against site b at each measured-sparsity level both curves reach, for every measure."""
     out = []
-    criteria = [("accuracy", None), ("choice_kl", None)]
-    criteria += [("perplexity", t) for t in spec.tasks if t in PERPLEXITY_TASKS]
-    for measure, task in criteria:
+    for measure, task in _criteria(spec):
         a = site_curve(store, spec, frame, site_a, measure, iterations, task)
         b = site_curve(store, spec, frame, site_b, measure, iterations, task)
+        out += [{"sites": [site_a, site_b], **row} for row in _compare(a, b, site_a, site_b, measure, task, levels)]
+    return out
+
+
+def compare_models(first: tuple[ResultStore, SweepSpec, pd.DataFrame],
+                   second: tuple[ResultStore, SweepSpec, pd.DataFrame], levels=DEFAULT_LEVELS,
+                   iterations: int = 1000) -> list[dict]:
+    """Two models' sweeps, site by site, at each measured-sparsity level both curves reach: the
+    same comparison as between two sites, paired over the items (both sweeps must hold the same
+    items of the same tasks, so the seeded resamples pick the same items for both models)."""
+    (store_a, spec_a, frame_a), (store_b, spec_b, frame_b) = first, second
+    _check_same_items(store_a, spec_a, store_b, spec_b)
+    out = []
+    for site in [s for s in spec_a.sites if s in spec_b.sites]:
+        for measure, task in _criteria(spec_a):
+            a = site_curve(store_a, spec_a, frame_a, site, measure, iterations, task)
+            b = site_curve(store_b, spec_b, frame_b, site, measure, iterations, task)
+            out += [{"models": [spec_a.model, spec_b.model], "site": site, **row}
+                    for row in _compare(a, b, spec_a.model, spec_b.model, measure, task, levels)]
+    return out
+
+
+def _criteria(spec: SweepSpec) -> list[tuple[str, str | None]]:
+    return [("accuracy", None), ("choice_kl", None)] + [("perplexity", t) for t in spec.tasks if t in PERPLEXITY_TASKS]
+
+
+def _check_same_items(store_a: ResultStore, spec_a: SweepSpec, store_b: ResultStore, spec_b: SweepSpec) -> None:
+    """Pairing needs the same items and the same resamples: the same tasks in the same order (the
+    resamples are seeded by a task's position) and the same scored items per task."""
+    if spec_a.tasks != spec_b.tasks:
+        raise ValueError(f"the two sweeps score different tasks or orders ({', '.join(spec_a.tasks)} against "
+                         f"{', '.join(spec_b.tasks)}); compare sweeps of the same suite")
+    scoring = []
+    for task in spec_a.tasks:
+        a, b = store_a.get(spec_a.key(DENSE, 1.0, task)), store_b.get(spec_b.key(DENSE, 1.0, task))
         if a is None or b is None:
             continue
-        for level in levels:
-            if not (max(a[0].min(), b[0].min()) <= level <= min(a[0].max(), b[0].max())):
-                continue
-            value_a, value_b = _at_level(*a, level), _at_level(*b, level)
-            difference = value_a - value_b
-            low, high = np.percentile(difference[1:], [2.5, 97.5])
-            decided = bool(low > 0 or high < 0)
-            a_better = (difference[0] > 0) == (MEASURES[measure] == "higher")
-            out.append({"sites": [site_a, site_b], "measure": measure, **({"task": task} if task else {}),
-                        "level": level, "a": float(value_a[0]), "b": float(value_b[0]),
-                        "difference": float(difference[0]), "interval": [float(low), float(high)],
-                        "decided": decided, "better": (site_a if a_better else site_b) if decided else None})
+        if [i["doc_id"] for i in a["items"]] != [i["doc_id"] for i in b["items"]]:
+            raise ValueError(f"task {task}: the two sweeps scored different items ({len(a['items'])} against "
+                             f"{len(b['items'])}); run both with the same --limit")
+        if task not in PERPLEXITY_TASKS:
+            scoring.append((bool(a["metrics"][spec_a.metric_for(task)]), bool(b["metrics"][spec_b.metric_for(task)])))
+    if any(x != y for x, y in scoring):
+        raise ValueError("a task scores 0 dense in one model only, so the two task averages are over different "
+                         "tasks; leave that task out of both sweeps")
+
+
+def _compare(a, b, name_a: str, name_b: str, measure: str, task: str | None, levels) -> list[dict]:
+    """Curve a against curve b (``site_curve`` outputs) at each level both reach: difference a - b on
+    all items and its 95% interval over the paired resamples."""
+    if a is None or b is None:
+        return []
+    out = []
+    for level in levels:
+        if not (max(a[0].min(), b[0].min()) <= level <= min(a[0].max(), b[0].max())):
+            continue
+        value_a, value_b = _at_level(*a, level), _at_level(*b, level)
+        difference = value_a - value_b
+        low, high = np.percentile(difference[1:], [2.5, 97.5])
+        decided = bool(low > 0 or high < 0)
+        a_better = (difference[0] > 0) == (MEASURES[measure] == "higher")
+        out.append({"measure": measure, **({"task": task} if task else {}), "level": level,
+                    "a": float(value_a[0]), "b": float(value_b[0]), "difference": float(difference[0]),
+                    "interval": [float(low), float(high)], "decided": decided,
+                    "better": (name_a if a_better else name_b) if decided else None})
     return out
 
 

@@ -3,7 +3,7 @@
 import json
 import zlib
 
-from common.analysis.item_sweep import ItemCells, decided_orderings, run_item_planned
+from common.analysis.item_sweep import ItemCells, decided_orderings, estimate_items, run_item_planned
 from common.evaluation.store import ResultStore
 from common.evaluation.sweep import DENSE, SweepRunner, SweepSpec
 
@@ -135,7 +135,7 @@ def test_resuming_scores_nothing_and_a_larger_budget_only_new_items(monkeypatch,
     old = _ranges(first.evaluated)
     for site, value, task, (start, stop) in more.evaluated:  # new cells start where the old ones ended
         assert start == max((r[1] for r in old.get((site, value, task), [])), default=0)
-    cells = ItemCells(more)
+    cells = ItemCells(store, more.spec)
     assert cells.scored(DENSE, 1.0, "bb_social_iqa") == bigger["plan"]["items_used"]["dense"]["bb_social_iqa"]
 
 
@@ -158,9 +158,66 @@ def test_planning_on_a_grid_folder_starts_from_the_grid_items(monkeypatch, tmp_p
     grid.run_grid()  # the grid's cells: the first 120 items, keys without an item range
     planner = ItemRunner(spec, store)
     [plan] = run_item_planned(planner, target_halfwidth=0.02, max_items=10 ** 6, start_items=50)
-    cells = ItemCells(planner)
+    cells = ItemCells(store, spec)
     assert all(start >= 120 for _, _, _, (start, _) in planner.evaluated)  # nothing the grid scored is redone
     assert cells.scored("intermediate", 1.0, "bb_social_iqa") == 120
     assert all(n >= 120 for by_task in plan["plan"]["items_used"].values() for n in by_task.values())
     items, sparsity = cells.results("intermediate", 0.85, "bb_social_iqa")
     assert [i["doc_id"] for i in items] == list(range(len(items))) and abs(sparsity - 0.15) < 1e-12
+
+
+def test_the_estimate_from_a_grid_counts_what_the_planned_sweep_then_scores(monkeypatch, tmp_path):
+    monkeypatch.setitem(DROP, 0.85, 0.02)  # the true crossing inside a grid gap (0.9: 0.995, 0.85: 0.98), not on a point
+    store, N = ResultStore(tmp_path / "store"), 600
+    spec = SweepSpec(model="synthetic", sites=["intermediate"], tasks=list(TASKS), grid=list(GRID), limit=N)
+    grid = ItemRunner(spec, store)
+
+    def timed(site, value, task, items=None):  # a known cost: 0.25 s per item
+        result = ItemRunner._evaluate(grid, site, value, task, (0, N))
+        return {**result, "seconds": 0.25 * len(result["items"])}
+
+    grid._evaluate = timed
+    grid.run_grid()
+    [estimate] = estimate_items(store, spec, target_halfwidth=0.02)
+    needed, (a, b) = estimate["needed"], estimate["bracket"]
+    assert estimate["status"] == "continue" and set(needed) == set(TASKS) and min(needed.values()) > N
+    assert estimate["scored"] == {t: N for t in TASKS} and a in estimate["planned"] and b in estimate["planned"]
+    by_hand = 3 * sum(n - N for n in needed.values())  # dense, a and b: every task from N items to n
+    assert estimate["evaluations"][0] == by_hand <= estimate["evaluations"][1]
+    assert estimate["evaluations"][1] == (1 + len(estimate["planned"])) * sum(n - N for n in needed.values())
+    assert abs(estimate["core_hours"][0] - by_hand * 0.25 / 3600) < 1e-12 and estimate["seconds_per_evaluation"] == 0.25
+
+    # the item-planned sweep from the same grid, with items to spare: it scores about what was estimated
+    monkeypatch.setattr("common.analysis.item_sweep.task_size", lambda task, manager: 50_000)
+    [plan] = run_item_planned(ItemRunner(spec, store), target_halfwidth=0.02, max_items=10**7, start_items=50)
+    assert plan["stopped"] == "target_reached"
+    used = plan["plan"]["items_used"]
+    for task, n in needed.items():  # 0.76 and 0.86 here; from 120 items the estimate was 2-3x too high
+        assert 0.6 < used[DENSE][task] / n < 1.7, (task, used[DENSE][task], n)
+
+    empty = ResultStore(tmp_path / "empty")
+    assert estimate_items(empty, spec, 0.02)[0]["status"] == "not_enough_cells"
+
+
+def test_report_tables_print_the_item_estimate_of_a_grid_folder(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = ResultStore(tmp_path / "store")
+    spec = SweepSpec(model="synthetic", sites=["intermediate"], tasks=list(TASKS), grid=list(GRID), limit=300)
+    grid = ItemRunner(spec, store)
+    grid._evaluate = lambda site, value, task, items=None: ItemRunner._evaluate(grid, site, value, task, (0, 300))
+    grid.run_grid()
+    (store.root / "critical.json").write_text(json.dumps({"spec": spec.as_dict()}))
+    [estimate] = estimate_items(store, spec, 0.03)
+    script = Path(__file__).resolve().parents[2] / "scripts" / "report_tables.py"
+    run = subprocess.run([sys.executable, str(script), "--item-estimate", str(store.root), "0.03"],
+                         capture_output=True, text=True, check=True)
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| intermediate |"))
+    low, high = estimate["evaluations"]
+    assert f"{low:,} to {high:,}" in row and f"{estimate['crossing']:.3f}" in row
+    assert all(f"{task} {n:,} (300)" in row for task, n in estimate["needed"].items())
+    missing = subprocess.run([sys.executable, str(script), "--item-estimate", str(tmp_path)], capture_output=True,
+                             text=True)
+    assert missing.returncode != 0 and missing.stderr.strip().startswith("error: --item-estimate needs a finished")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from common.analysis.orderings import choice_kl_items, compare_sites, site_curve
+from common.analysis.orderings import choice_kl_items, compare_models, compare_sites, site_curve
 from common.analysis.report import tidy_table
 from common.evaluation.store import ResultStore
 from common.evaluation.sweep import DENSE, SweepRunner, SweepSpec
@@ -126,3 +126,54 @@ def test_report_tables_print_the_orderings_and_search_against_grid(tmp_path):
                             capture_output=True, text=True, check=True)
     line = next(l for l in versus.stdout.splitlines() if l.startswith("| input |"))
     assert "+0.010" in line and f"| {len(GRID)} / 3 |" in line and line.rstrip().endswith("| 4 |")
+
+
+def _model_study(tmp_path, name, keep, drift):
+    spec = SweepSpec(model=name, sites=list(keep), tasks=TASKS, grid=list(GRID), limit=ITEMS)
+    runner = SiteCurveRunner(spec, ResultStore(tmp_path / name), keep, drift)
+    runner.run_grid()
+    return runner.store, spec, tidy_table(runner.store, spec, iterations=20)
+
+
+def test_two_models_are_compared_site_by_site_on_paired_items(tmp_path, monkeypatch):
+    small = _model_study(tmp_path, "small", {"intermediate": _curve(0.4)}, {"intermediate": {v: 3 * (1 - v) for v in GRID}})
+    large = _model_study(tmp_path, "large", {"intermediate": _curve(0.05)}, {"intermediate": {v: 0.5 * (1 - v) for v in GRID}})
+    rows = compare_models(small, large, levels=(0.2, 0.3), iterations=200)
+    assert {r["measure"] for r in rows} == {"accuracy", "choice_kl", "perplexity"} and len(rows) == 6
+    for r in rows:
+        assert r["models"] == ["small", "large"] and r["site"] == "intermediate"
+        assert r["decided"] and r["better"] == "large"
+    accuracy = next(r for r in rows if r["measure"] == "accuracy" and r["level"] == 0.2)
+    assert accuracy["a"] == pytest.approx(0.8, abs=0.01) and accuracy["b"] == pytest.approx(0.975, abs=0.01)
+    # the same curves under another name: paired resamples give an interval of exactly 0 (unpaired would not)
+    twin = _model_study(tmp_path, "twin", {"intermediate": _curve(0.4)}, {"intermediate": {v: 3 * (1 - v) for v in GRID}})
+    for r in compare_models(small, twin, levels=(0.2, 0.3), iterations=200):
+        assert r["difference"] == 0.0 and r["interval"] == [0.0, 0.0] and not r["decided"]
+    monkeypatch.setitem(globals(), "ITEMS", ITEMS // 2)  # the runner scores this many items
+    fewer = _model_study(tmp_path, "fewer", {"intermediate": _curve(0.4)}, {"intermediate": {v: 0.0 for v in GRID}})
+    with pytest.raises(ValueError, match="different items"):
+        compare_models(small, fewer)
+
+
+def test_report_tables_compare_two_model_folders(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from common.analysis.report import write_report
+
+    folders = []
+    for name, top, drift in (("small", 0.4, 3.0), ("large", 0.05, 0.5)):
+        store, spec, _ = _model_study(tmp_path, name, {"intermediate": _curve(top)},
+                                      {"intermediate": {v: drift * (1 - v) for v in GRID}})
+        write_report(store, spec, store.root, iterations=50)
+        folders.append(str(store.root))
+    script = Path(__file__).resolve().parents[2] / "scripts" / "report_tables.py"
+    run = subprocess.run([sys.executable, str(script), "--models", *folders], capture_output=True, text=True, check=True)
+    lines = run.stdout.splitlines()
+    critical = next(line for line in lines if line.startswith("| intermediate |") and "[" in line and "→" not in line)
+    assert "large sparser" in critical  # accuracy: 0.05 lost at 0.4 against 0.4 lost; PPL likewise
+    kl = next(line for line in lines if line.startswith("| intermediate | choice_kl |"))
+    assert kl.count("→ large") == 4  # every level from 0.1 to 0.4 (0.5 lies beyond both curves)
+    bad = subprocess.run([sys.executable, str(script), "--models", folders[0]], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: --models needs two finished sweep folders")
