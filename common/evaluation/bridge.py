@@ -20,7 +20,7 @@ Generation passes an attention mask, which the hooks read directly; prefill and 
 statistics are kept apart.
 
 Out of device memory (shard processes sharing one GPU, or requests longer than the memory estimate
-assumed): the pass's counts are forgotten, the rows per forward halved for the rest of the process
+assumed): the pass's counts are forgotten, the batch size halved for the rest of the process
 and the requests scored again.
 
 Data parallel (``accelerate launch ... --model sparse-hf`` on several GPUs): the statistics are
@@ -243,7 +243,7 @@ class SparseHFLM(SparsificationSettings, HFLM):
         self.stats_file = stats_file
         self._pending: PerTokenCounts | None = None
         self._pending_row = 0
-        self._rows_cap: int | None = None  # rows per forward, once the device has run out of memory
+        self._batch_cap: int | None = None  # batch size, once the device has run out of memory
         self.set_sparsification(sites, rule, value, power, layers)
 
     def reset_statistics(self) -> None:
@@ -310,34 +310,34 @@ class SparseHFLM(SparsificationSettings, HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """Score ``requests``. Where the device runs out of memory (shard processes sharing one GPU,
         or requests longer than the memory estimate assumed), the counts of the failed pass are
-        forgotten, the rows per forward halved for the rest of this process, and the requests scored
+        forgotten, the batch size halved for the rest of this process, and the requests scored
         again: a sweep slows down instead of dying in the middle."""
         while True:
             counts = self.recorder.snapshot()
             try:
                 return self._score_tokens(requests, disable_tqdm, override_bs)
             except torch.OutOfMemoryError:
-                rows = self._rows_cap or self._rows_per_forward(override_bs)
+                rows = self._batch_cap or self._batch_per_forward(override_bs)
                 if rows <= 1:
                     raise
-                self._rows_cap = rows // 2
+                self._batch_cap = rows // 2
             self.recorder.restore(counts)
             self._pending = None
             if torch.device(self.device).type == "cuda":
                 torch.cuda.empty_cache()
-            warnings.warn(f"out of device memory at {rows} rows per forward: scoring these {len(requests)} requests "
-                          f"again at {self._rows_cap} (and everything after); fewer processes per GPU avoid this",
+            warnings.warn(f"out of device memory at batch size {rows}: scoring these {len(requests)} requests "
+                          f"again at {self._batch_cap} (and everything after); fewer processes per GPU avoid this",
                           stacklevel=2)
 
-    def _rows_per_forward(self, override_bs: int | None) -> int:
+    def _batch_per_forward(self, override_bs: int | None) -> int:
         batch_size = override_bs or self.batch_size
         return int(batch_size) if str(batch_size).isdigit() else max(self.batch_sizes.values(), default=64)
 
     def _capped(self, batch_size):
-        """``batch_size`` (an integer or 'auto'), at most the rows per forward left by running out of memory."""
-        if self._rows_cap is None:
+        """``batch_size`` (an integer or 'auto'), at most the batch size left by running out of memory."""
+        if self._batch_cap is None:
             return batch_size
-        return self._rows_cap if batch_size == "auto" else min(int(batch_size), self._rows_cap)
+        return self._batch_cap if batch_size == "auto" else min(int(batch_size), self._batch_cap)
 
     def _score_tokens(self, requests, disable_tqdm: bool, override_bs: int | None) -> list:
         """Shared-context scoring of the shareable requests; lm-eval's path for the rest."""
@@ -355,7 +355,8 @@ class SparseHFLM(SparsificationSettings, HFLM):
         groups = group_by_context(requests_shared)
         batch_size = self._capped(override_bs or self.batch_size)
         if batch_size == "auto":  # lm-eval's probe, on the longest request
-            longest = (None, groups[0].context, max(groups[0].continuations, key=len))
+            group = max(groups, key=lambda g: g.longest)
+            longest = (None, group.context, max(group.continuations, key=len))
             batch_size = self._detect_batch_size([longest], 0)
         scorer = SharedContextScorer(self.model, self.device, self.softmax_dtype, self.mixed_precision_dtype,
                                      self.recorder)
@@ -380,12 +381,12 @@ class SparseHFLM(SparsificationSettings, HFLM):
         memory before; unchanged otherwise. (lm-eval batches by its own integer batch size whatever
         ``override_bs`` says, so a smaller batch means smaller slices.)"""
         batch_size = override_bs or self.batch_size
-        if (batch_size == "auto" and self._rows_cap is None) or not requests:
+        if (batch_size == "auto" and self._batch_cap is None) or not requests:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         lengths = [min(len(context) + len(continuation), self.max_length) for _, context, continuation in requests]
         vocab = self.model.get_output_embeddings().weight.shape[0]
         cap = memory_safe_batch(int(self._capped(batch_size)), max(lengths), vocab, device_memory(self.device))
-        if self._rows_cap is None and cap >= int(batch_size):
+        if self._batch_cap is None and cap >= int(batch_size):
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         order = sorted(range(len(requests)), key=lambda i: -lengths[i])
         results: list = [None] * len(requests)

@@ -3,7 +3,8 @@
 lm-eval's HFLM runs ``context + continuation`` once per choice. In a causal model a token's hidden
 states, and so its per-token sparsity masks, depend only on the tokens up to it, so the context's
 keys and values are the same for every choice. Here the requests are grouped by their context
-token ids; a chunk of groups runs its contexts once (right-padded, ``use_cache=True``), the
+token ids; a chunk of groups (as many contexts as the batch size, as long as the continuation
+pass holds no more token positions than a per-request batch) runs its contexts once (right-padded, ``use_cache=True``), the
 cache rows are repeated to one row per choice, and only ``continuation[:-1]`` runs for every
 choice (single-token continuations need no second pass: the context's last logits score them).
 
@@ -38,7 +39,10 @@ class ContextGroup:
 
 
 def group_by_context(requests) -> list[ContextGroup]:
-    """Group lm-eval ``(key, context_ids, continuation_ids)`` requests by context ids, longest first."""
+    """Group lm-eval ``(key, context_ids, continuation_ids)`` requests by context ids, by longest
+    continuation first, then longest context: the continuation pass pads every choice of a chunk to
+    its longest continuation, and a chunk of similar continuation lengths wastes the fewest
+    positions there (each carries the logits over the vocabulary)."""
     groups: dict[tuple[int, ...], ContextGroup] = {}
     for index, (_, context, continuation) in enumerate(requests):
         if not context or not continuation:
@@ -46,23 +50,32 @@ def group_by_context(requests) -> list[ContextGroup]:
         group = groups.setdefault(tuple(context), ContextGroup(list(context)))
         group.members.append(index)
         group.continuations.append(list(continuation))
-    return sorted(groups.values(), key=lambda g: (-g.longest, g.context))
+    return sorted(groups.values(), key=lambda g: (-max(len(c) for c in g.continuations), -len(g.context), g.context))
 
 
 def chunk_groups(groups: list[ContextGroup], batch_size: int, max_span: int | None = None) -> list[list[ContextGroup]]:
-    """Consecutive groups, as many per chunk as keep its choices within ``batch_size`` (at least one
-    group); ``max_span`` bounds padded context length + longest continuation (sliding-window caches)."""
+    """Consecutive groups, at least one per chunk, with no pass larger than a per-request batch of
+    ``batch_size``: at most ``batch_size`` contexts (the context pass), and choices x longest
+    continuation at most ``batch_size`` x (padded context + longest continuation) token positions
+    (the continuation pass). ``max_span`` bounds padded context length + longest continuation
+    (sliding-window caches).
+
+    Counting contexts rather than choices keeps the passes as large as lm-eval's own: a small
+    model on a CPU spends a forward mostly reading its weights, so the number of forwards, not
+    the rows in each, sets the time."""
     chunks: list[list[ContextGroup]] = []
     current: list[ContextGroup] = []
-    rows = 0
     for group in groups:
-        span = max(len(g.context) for g in current + [group]) + max(len(c) for g in current + [group]
-                                                                    for c in g.continuations)
-        if current and (rows + len(group.members) > batch_size or (max_span is not None and span > max_span)):
+        candidate = current + [group]
+        context = max(len(g.context) for g in candidate)
+        continuation = max(len(c) for g in candidate for c in g.continuations)
+        rows = sum(len(g.members) for g in candidate)
+        too_big = (len(candidate) > batch_size or rows * continuation > batch_size * (context + continuation)
+                   or (max_span is not None and context + continuation > max_span))
+        if current and too_big:
             chunks.append(current)
-            current, rows = [], 0
+            current = []
         current.append(group)
-        rows += len(group.members)
     if current:
         chunks.append(current)
     return chunks

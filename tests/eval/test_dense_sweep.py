@@ -58,11 +58,18 @@ def test_bridge_at_p_one_equals_plain_hflm(manager):
 
     model, tokenizer = tiny_model("llama"), char_tokenizer()
     plain = _evaluate(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), manager)
-    sparse_lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, sites="all_inputs", value=1.0)
-    sparse = _evaluate(sparse_lm, manager)
-    assert _logliks(sparse, "bb_general_knowledge") == _logliks(plain, "bb_general_knowledge")
-    assert sparse["results"]["bb_general_knowledge"]["acc,none"] == plain["results"]["bb_general_knowledge"]["acc,none"]
-    assert set(sparse_lm.sparsity_statistics()["summary"]) == {"input", "intermediate", "all_inputs"}
+    for shared in (False, True):
+        sparse_lm = SparseHFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, sites="all_inputs", value=1.0,
+                               shared_context=shared)
+        sparse = _evaluate(sparse_lm, manager)
+        ours, reference = _logliks(sparse, "bb_general_knowledge"), _logliks(plain, "bb_general_knowledge")
+        if shared:  # other batch shapes: float32 rounding only
+            assert [len(x) for x in ours] == [len(x) for x in reference]
+            assert np.allclose(np.concatenate(ours), np.concatenate(reference), atol=1e-5, rtol=0)
+        else:  # the same forwards as plain lm-eval: identical
+            assert ours == reference
+        assert sparse["results"]["bb_general_knowledge"]["acc,none"] == plain["results"]["bb_general_knowledge"]["acc,none"]
+        assert set(sparse_lm.sparsity_statistics()["summary"]) == {"input", "intermediate", "all_inputs"}
 
 
 def test_bridge_statistics_exclude_padding_and_the_batch_size_probe(manager):
@@ -381,9 +388,11 @@ def test_lm_eval_path_in_memory_safe_slices_gives_the_same_loglikelihoods(manage
 @pytest.mark.parametrize("shared_context", [True, False])
 def test_running_out_of_device_memory_scores_again_at_fewer_rows(manager, shared_context):
     """A forward of more than 9 rows (one item's choices fit) fails halfway through the model with the
-    error CUDA raises: the
-    bridge forgets that pass's counts, halves its rows per forward and scores again. Log-likelihoods
-    equal an unconstrained run's; so do the sparsity counts, which the failed passes would inflate."""
+    error CUDA raises: the bridge forgets that pass's counts, halves its batch size and scores again.
+    Log-likelihoods equal an unconstrained run's; so do the sparsity counts, which the failed passes
+    would inflate. lm-eval's path batches requests (16 -> 8 rows); the shared path batches contexts,
+    whose continuation pass holds all their choices, so it comes down to one context (two items'
+    choices are more than 9 rows)."""
     model = tiny_model("llama")
     max_rows = {"value": None}
 
@@ -401,9 +410,9 @@ def test_running_out_of_device_memory_scores_again_at_fewer_rows(manager, shared
         if rows is None:
             outputs[rows] = _evaluate(lm, manager, tasks=TASKS, limit=6)
         else:
-            with pytest.warns(UserWarning, match="out of device memory at 16 rows per forward"):
+            with pytest.warns(UserWarning, match="out of device memory at batch size 16"):
                 outputs[rows] = _evaluate(lm, manager, tasks=TASKS, limit=6)
-            assert lm._rows_cap == 8
+            assert lm._batch_cap == (1 if shared_context else 8)
         statistics[rows] = lm.sparsity_statistics()
     for task in TASKS:
         responses = [[np.ravel([r[0] if isinstance(r, (list, tuple)) else r for r in s["filtered_resps"]])
@@ -421,4 +430,4 @@ def test_out_of_memory_at_one_row_is_raised(manager):
     lm = SparseHFLM(pretrained=model, tokenizer=char_tokenizer(), batch_size=4, sites="intermediate", value=0.8)
     with pytest.warns(UserWarning), pytest.raises(torch.OutOfMemoryError):
         _evaluate(lm, manager, limit=2)
-    assert lm._rows_cap == 1
+    assert lm._batch_cap == 1

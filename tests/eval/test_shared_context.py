@@ -183,9 +183,15 @@ def test_simple_evaluate_and_model_arguments(tmp_path):
 def test_groups_and_chunks():
     requests = [(("a", "1"), [1, 2], [3]), (("b", "1"), [4], [5, 6]), (("a", "2"), [1, 2], [7, 8, 9])]
     groups = group_by_context(requests)
-    assert [(g.context, g.members) for g in groups] == [([1, 2], [0, 2]), ([4], [1])]  # longest first
-    assert [[g.context for g in chunk] for chunk in chunk_groups(groups, 2)] == [[[1, 2]], [[4]]]
-    assert len(chunk_groups(groups, 3)) == 1
+    assert [(g.context, g.members) for g in groups] == [([1, 2], [0, 2]), ([4], [1])]  # longest continuation first
+    by_continuation = group_by_context([(("a", "1"), [1, 2, 3], [5]), (("b", "1"), [4], [5, 6])])
+    assert [g.context for g in by_continuation] == [[4], [1, 2, 3]]
+    assert [[g.context for g in chunk] for chunk in chunk_groups(groups, 1)] == [[[1, 2]], [[4]]]
+    assert len(chunk_groups(groups, 2)) == 1  # two contexts; 3 choices x 3 tokens <= 2 x (2 + 3) positions
     assert len(chunk_groups(groups, 8, max_span=4)) == 2  # padded span 2 + 3 > 4 would not fit a window
+    many = group_by_context([((str(i), str(j)), [i + 1], [9, 9, 9, 9]) for i in range(2) for j in range(5)])
+    # 5 choices x 4 tokens = 20 > 2 x (1 + 4) positions: one context per chunk (never none)
+    assert [len(chunk) for chunk in chunk_groups(many, 2)] == [1, 1]
+    assert [len(chunk) for chunk in chunk_groups(many, 8)] == [2]  # 10 x 4 <= 8 x 5
     with pytest.raises(ValueError, match="non-empty"):
         group_by_context([(("a", ""), [1], [])])
