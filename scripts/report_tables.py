@@ -188,19 +188,10 @@ def _sweep(folder: Path):
     return ResultStore(folder), _spec(folder), pd.read_csv(folder / "tidy.csv")
 
 
-def _disjoint(name_a: str, a: dict | None, name_b: str, b: dict | None) -> str:
-    if not a or not b:
-        return "-"
-    if a["interval"][0] > b["interval"][1]:
-        return f"{name_a} sparser"
-    if b["interval"][0] > a["interval"][1]:
-        return f"{name_b} sparser"
-    return "undecided (intervals overlap)"
-
-
 def models_tables(folder_a: Path, folder_b: Path) -> None:
     """Two models' sweeps on the same items: critical sparsities side by side, then the curves
     compared at the same measured sparsity (paired over items)."""
+    from common.analysis.item_sweep import sparser_verdict
     from common.analysis.orderings import compare_models
 
     first, second = _sweep(folder_a), _sweep(folder_b)
@@ -221,7 +212,8 @@ def models_tables(folder_a: Path, folder_b: Path) -> None:
                             next((v.get("isotonic") for k, v in entry.items() if k.startswith("ppl_")), None))
             cells = ["-" if r is None else f"{r['crossing']:.3f} [{_fmt(r['interval'][0])}, {_fmt(r['interval'][1])}]"
                      for r in pair]
-            readings.append(" | ".join([*cells, _disjoint(name_a, pair[0], name_b, pair[1])]))
+            verdict = "-" if None in pair else sparser_verdict(name_a, pair[0]["interval"], name_b, pair[1]["interval"])
+            readings.append(" | ".join([*cells, verdict]))
         print(f"| {site} | " + " | ".join(readings) + " |")
     rows = compare_models(first, second)
     print(f"\nThe curves at the same measured sparsity (columns): {name_a} - {name_b} [95% paired-bootstrap "

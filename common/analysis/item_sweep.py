@@ -218,7 +218,8 @@ def estimate_items(store, spec, target_halfwidth: float, threshold: float = 0.99
 
             # from the bracket alone (the open neighbours settle as items come) to every value planned now
             record["evaluations"] = [evaluations(plan.bracket), evaluations(plan.planned)]
-            seconds, items = _cost(cells, site, values, used)
+            costs = [cells.cost(site, value, task) for value in values for task in used]
+            seconds, items = sum(c[0] for c in costs), sum(c[1] for c in costs)
             record["seconds_per_evaluation"] = seconds / items if items else None
             record["core_hours"] = [n * seconds / items / 3600 for n in record["evaluations"]] if items else None
         out.append(record)
@@ -226,12 +227,6 @@ def estimate_items(store, spec, target_halfwidth: float, threshold: float = 0.99
 
 
 _UNLIMITED = 10**12  # item count standing for "as many as the estimate asks for"
-
-
-def _cost(cells: ItemCells, site: str, values: list[float], tasks: list[str]) -> tuple[float, int]:
-    """(seconds, items) of the site's stored cells at ``values`` over ``tasks``."""
-    costs = [cells.cost(site, value, task) for value in values for task in tasks]
-    return sum(c[0] for c in costs), sum(c[1] for c in costs)
 
 
 def _scores(items: list[dict], metric: str) -> np.ndarray:
@@ -267,13 +262,16 @@ def decided_orderings(plans: list[dict]) -> list[dict]:
     out = []
     for i, a in enumerate(plans):
         for b in plans[i + 1:]:
-            (a_low, a_high), (b_low, b_high) = a["plan"]["interval"], b["plan"]["interval"]
-            if a_low > b_high:
-                verdict = f"{a['site']} sparser"
-            elif b_low > a_high:
-                verdict = f"{b['site']} sparser"
-            else:
-                verdict = "undecided (intervals overlap)"
-            out.append({"sites": [a["site"], b["site"]], "verdict": verdict,
-                        "intervals": {a["site"]: [a_low, a_high], b["site"]: [b_low, b_high]}})
+            intervals = {a["site"]: list(a["plan"]["interval"]), b["site"]: list(b["plan"]["interval"])}
+            out.append({"sites": [a["site"], b["site"]], "intervals": intervals,
+                        "verdict": sparser_verdict(a["site"], intervals[a["site"]], b["site"], intervals[b["site"]])})
     return out
+
+
+def sparser_verdict(name_a: str, interval_a, name_b: str, interval_b) -> str:
+    """"A sparser" / "B sparser" where the two critical-sparsity intervals are disjoint, else undecided."""
+    if interval_a[0] > interval_b[1]:
+        return f"{name_a} sparser"
+    if interval_b[0] > interval_a[1]:
+        return f"{name_b} sparser"
+    return "undecided (intervals overlap)"

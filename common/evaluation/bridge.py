@@ -317,19 +317,19 @@ class SparseHFLM(SparsificationSettings, HFLM):
             try:
                 return self._score_tokens(requests, disable_tqdm, override_bs)
             except torch.OutOfMemoryError:
-                rows = self._batch_cap or self._batch_per_forward(override_bs)
-                if rows <= 1:
+                size = self._batch_cap or self._integer_batch_size(override_bs)
+                if size <= 1:
                     raise
-                self._batch_cap = rows // 2
+                self._batch_cap = size // 2
             self.recorder.restore(counts)
             self._pending = None
             if torch.device(self.device).type == "cuda":
                 torch.cuda.empty_cache()
-            warnings.warn(f"out of device memory at batch size {rows}: scoring these {len(requests)} requests "
+            warnings.warn(f"out of device memory at batch size {size}: scoring these {len(requests)} requests "
                           f"again at {self._batch_cap} (and everything after); fewer processes per GPU avoid this",
                           stacklevel=2)
 
-    def _batch_per_forward(self, override_bs: int | None) -> int:
+    def _integer_batch_size(self, override_bs: int | None) -> int:
         batch_size = override_bs or self.batch_size
         return int(batch_size) if str(batch_size).isdigit() else max(self.batch_sizes.values(), default=64)
 
