@@ -149,3 +149,21 @@ def test_llada_step_jaccard_on_cuda_matches_cpu(llada, golden_dir):
     for cpu_row, gpu_row in zip(cpu_rows, gpu_rows):
         for key in ("consecutive_jaccard_generated", "drift_jaccard_generated", "sparsity_generated"):
             assert gpu_row[key] == pytest.approx(cpu_row[key], abs=0.02, nan_ok=True), key
+
+
+def test_memory_fraction_limits_the_process_and_the_scoring_batches():
+    """--memory-fraction holds the process to a share of the GPU, and the bridge sizes its logit
+    slices within that share (not the whole card)."""
+    if CUDA.type != "cuda":
+        pytest.skip("a per-process memory fraction exists on CUDA only")
+    from common.cli.flags import limit_device_memory
+    from common.evaluation.bridge import device_memory
+
+    total = torch.cuda.get_device_properties(CUDA).total_memory
+    try:
+        limit_device_memory(0.25, str(CUDA))
+        assert torch.cuda.get_per_process_memory_fraction(CUDA) == pytest.approx(0.25)
+        assert device_memory(CUDA) == int(total * 0.25)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, CUDA)
+    assert device_memory(CUDA) == total

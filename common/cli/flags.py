@@ -81,6 +81,18 @@ def check_device(name: str | None) -> str:
     return name
 
 
+def limit_device_memory(fraction: float, device: str) -> None:
+    """Hold this process to ``fraction`` of the GPU's memory (of every visible GPU for 'auto'), so
+    shard processes sharing a GPU cannot take each other's memory; refused off CUDA."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--memory-fraction must be in (0, 1], got {fraction:g}")
+    if device != "auto" and torch.device(device).type != "cuda":
+        raise ValueError(f"--memory-fraction limits GPU memory; the device is {device} (drop the flag or use --device cuda)")
+    indices = range(torch.cuda.device_count()) if device == "auto" else [torch.device(device).index or 0]
+    for index in indices:
+        torch.cuda.set_per_process_memory_fraction(fraction, index)
+
+
 def check_output_folder(path: Path) -> Path:
     """Create the results folder now (not after hours of computing) and check it is writable."""
     if path.exists() and not path.is_dir():
@@ -170,6 +182,9 @@ def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int =
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or 'auto' (device_map=auto)")
     parser.add_argument("--output", default=None, help=f"results folder (default results/{study}/<model>)")
     parser.add_argument("--shard", default=None, help="K/N: this process evaluates the K-th of N cell shards")
+    parser.add_argument("--memory-fraction", type=finite_float, default=None,
+                        help="CUDA: this process uses at most this share of each GPU's memory (e.g. 0.19 for five "
+                             "shard processes on one GPU); the scoring sizes its batches within it")
     parser.add_argument("--allow-mixed", action="store_true",
                         help="resume a store written with other torch / transformers / lm-eval versions")
 
@@ -220,6 +235,8 @@ def sweep_settings(args, default_grid: list[float]):
 
         check_search_settings(args.threshold, args.resolution, args.budget, getattr(args, "ppl_percent", 1.0))
     device = check_device(None if args.device == "auto" else args.device)
+    if getattr(args, "memory_fraction", None) is not None:
+        limit_device_memory(args.memory_fraction, "auto" if args.device == "auto" else device)
     dtype, why = choose_dtype(args.dtype, device)
     print(f"dtype {str(dtype).replace('torch.', '')} ({why}); device {args.device or device}")
     return sites, tasks, parse_shard(args.shard), grid, device, dtype, "auto" if args.device == "auto" else None

@@ -87,10 +87,12 @@ LOGIT_MEMORY_SHARE = 0.25  # of the device's total memory: deterministic on a gi
 
 
 def device_memory(device) -> int:
-    """Total memory of the device the logits live on, in bytes."""
+    """Memory of the device the logits live on that this process may use, in bytes (on a GPU its
+    total times the process's memory fraction, ``--memory-fraction``)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+        total = torch.cuda.get_device_properties(device).total_memory
+        return int(total * torch.cuda.get_per_process_memory_fraction(device))
     import psutil
 
     return psutil.virtual_memory().total

@@ -319,7 +319,9 @@ def test_dense_sweep_script_bad_input(tmp_path):
                            (["--target-halfwidth", "0.05", "--search"], "--target-halfwidth plans items"),
                            (["--max-items", "0"], "expected 1 or more"),
                            (["--stop-below", "0.995"], "--stop-below must be in"),
-                           (["--stop-below", "0.9", "--search"], "--stop-below ends a grid sweep")] + (
+                           (["--stop-below", "0.9", "--search"], "--stop-below ends a grid sweep"),
+                           (["--memory-fraction", "1.5"], "--memory-fraction must be in (0, 1]"),
+                           (["--memory-fraction", "0.5", "--device", "cpu"], "--memory-fraction limits GPU memory")] + (
             [] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]):
         result = _run(*flags)  # refused before any model is loaded or any cell computed
         assert result.returncode == 2 and message in result.stderr, (flags, result.stderr)
