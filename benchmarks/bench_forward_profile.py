@@ -13,26 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from device_timing import device_seconds, synchronize
 
 from common.core.sites import SITES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -97,10 +84,10 @@ def main() -> None:
         runs[f"{site}: threshold search alone"] = thresholds(site)
     times = {name: [] for name in runs}
     for name, fn in runs.items():
-        timed(fn, device)  # warm-up
+        device_seconds(fn, device)  # warm-up
     for _ in range(args.repeats):
         for name, fn in runs.items():
-            times[name].append(timed(fn, device))
+            times[name].append(device_seconds(fn, device))
     with torch.no_grad():  # the hooks left with their blocks: the model is dense again
         unchanged = torch.equal(model(ids, logits_to_keep=1).logits, reference)
     dense = statistics.median(times["dense body"])

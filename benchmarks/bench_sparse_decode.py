@@ -27,10 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from device_timing import device_seconds
 
 DEFAULT_SPARSITIES = [0.3, 0.5, 0.7, 0.9]
 # Task-average critical sparsity (interpolated, paper grid) of the study's dense sweeps.
@@ -86,11 +86,6 @@ def critical_sparsities(args, sites) -> dict[str, float]:
     return {site: value for site, value in critical.items() if site in sites}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def calibration_batches(tokenizer, documents: int, max_tokens: int, device) -> list[torch.Tensor]:
     from common.evaluation.tasks import DATA, PERPLEXITY_TASKS
 
@@ -112,15 +107,15 @@ class GreedyStream:
         self.next_id = logits[:, -1].argmax(-1, keepdim=True)
         self.tokens: list[int] = []
 
-    @torch.no_grad()
     def step(self) -> float:
+        """Decode one token; its wall-clock seconds."""
         self.tokens.append(int(self.next_id))
-        sync(self.device)
-        start = time.perf_counter()
+        return device_seconds(self._advance, self.device)
+
+    @torch.no_grad()
+    def _advance(self) -> None:
         logits = self.model(input_ids=self.next_id, cache=self.cache, use_cache=True).logits
         self.next_id = logits[:, -1].argmax(-1, keepdim=True)
-        sync(self.device)
-        return time.perf_counter() - start
 
 
 def paired_decode(model, sparse, prompt_ids: torch.Tensor, tokens: int) -> tuple[list[float], list[float], float]:
@@ -152,14 +147,6 @@ def decode_weight_bytes(model) -> int:
 
 def ffn_weight_bytes(mlps) -> int:
     return sum(p.numel() * p.element_size() for mlp in mlps for p in mlp.parameters())
-
-
-def timed_loop(fn, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -200,10 +187,10 @@ def measure_setting(model, prompt_ids, execution_kwargs, args, step_inputs, mlps
     inputs = [step_inputs[(layer, "input")] for layer in layers]
 
     def dense_ffn():
-        return timed_loop(lambda: [mlp(x) for mlp, x in zip(mlps, inputs)], device)
+        return device_seconds(lambda: [mlp(x) for mlp, x in zip(mlps, inputs)], device)
 
     def sparse_ffn():
-        return timed_loop(lambda: [module(x) for module, x in zip(modules, inputs)], device)
+        return device_seconds(lambda: [module(x) for module, x in zip(modules, inputs)], device)
 
     def masks_only():
         def run():
@@ -211,7 +198,7 @@ def measure_setting(model, prompt_ids, execution_kwargs, args, step_inputs, mlps
                 for site, mask_fn in module.masks.items():
                     x = step_inputs[(layer, site)]
                     kept_entries(x, mask_fn(x))
-        return timed_loop(run, device)
+        return device_seconds(run, device)
 
     with torch.no_grad():
         dense_ffn(), sparse_ffn(), masks_only()
