@@ -6,6 +6,7 @@ time, which a machine shared with other jobs disturbs much less (time spent wait
 is not counted).
 
     python benchmarks/bench_eval_overhead.py --model smollm2-135m --task bb_social_iqa --limit 100 --dtype float32
+    python benchmarks/bench_eval_overhead.py --threads 1   # as one sweep shard runs
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--per-request", action="store_true",
                         help="score every choice with its full context (lm-eval's own path)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads; a sweep shard runs with 1); default: torch's")
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads {args.threads}: give a positive number of CPU threads")
+        torch.set_num_threads(args.threads)
     from common.evaluation.bridge import SparseHFLM
     from common.evaluation.sweep import evaluate_task
     from common.models.loading import load_causal_lm

@@ -31,7 +31,13 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads; a sweep shard runs with 1); default: torch's")
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads {args.threads}: give a positive number of CPU threads")
+        torch.set_num_threads(args.threads)
     import lm_eval
 
     from common.evaluation.bridge import SparseHFLM

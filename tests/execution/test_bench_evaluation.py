@@ -1,0 +1,62 @@
+"""The two evaluation benchmarks run end to end on a tiny Llama (subprocess, seconds): mask
+overhead (sparse against dense) and shared-context against per-request scoring."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import save_tiny_llama
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(script, *args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=600)
+
+
+def _table(stdout):
+    """Rows of the printed markdown table as lists of cells."""
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| site")]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def test_eval_overhead_on_tiny_model(tiny_dir):
+    result = _run("bench_eval_overhead.py", "--model", str(tiny_dir), "--limit", "3", "--repeats", "1",
+                  "--sites", "intermediate", "input", "--threads", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 threads" in result.stdout
+    rows = _table(result.stdout)
+    assert [row[0] for row in rows] == ["intermediate", "input"]
+    for row in rows:
+        dense, sparse, ratio = float(row[1]), float(row[2]), float(row[3].rstrip("x"))
+        rounding = 0.005 * (dense + sparse) / dense ** 2 + 0.005  # the times are printed to 0.01 s
+        assert dense > 0 and sparse > 0 and ratio == pytest.approx(sparse / dense, abs=rounding)
+
+
+def test_shared_context_benchmark_on_tiny_model(tiny_dir):
+    result = _run("bench_shared_context.py", "--model", str(tiny_dir), "--limit", "3", "--repeats", "1",
+                  "--tasks", "bb_social_iqa", "--threads", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "scores identical between the paths (tolerance 0.000)" in result.stdout
+    rows = _table(result.stdout)
+    assert [(row[0], row[1]) for row in rows] == [("dense", "per-request"), ("dense", "shared"),
+                                                   ("intermediate", "per-request"), ("intermediate", "shared")]
+    assert all(int(row[6]) > 0 for row in rows)  # token positions (equal here: the tiny model truncates every request)
+
+
+@pytest.mark.parametrize("script", ["bench_eval_overhead.py", "bench_shared_context.py"])
+def test_threads_must_be_positive(script):
+    result = _run(script, "--threads", "0")
+    assert result.returncode == 2 and "give a positive number of CPU threads" in result.stderr
