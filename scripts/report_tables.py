@@ -4,6 +4,7 @@
     python scripts/report_tables.py --search-vs-grid SEARCH_FOLDER GRID_FOLDER
     python scripts/report_tables.py --item-estimate GRID_FOLDER [TARGET_HALFWIDTH (default 0.05)]
     python scripts/report_tables.py --models GRID_FOLDER_A GRID_FOLDER_B
+    python scripts/report_tables.py --cell-time FOLDER_BEFORE FOLDER_AFTER
 """
 
 from __future__ import annotations
@@ -223,7 +224,42 @@ def models_tables(folder_a: Path, folder_b: Path) -> None:
     print()
 
 
+def cell_time_tables(folder_a: Path, folder_b: Path) -> None:
+    """Summed cell time per site of two stores of one sweep, and how far their scores differ."""
+    from common.analysis.report import cell_time_comparison
+    from common.evaluation.store import ResultStore
+
+    summary = cell_time_comparison(ResultStore(folder_a), ResultStore(folder_b))
+    print(f"Summed cell time on the cells both stores hold (s): {folder_a.name} against {folder_b.name}.\n")
+    print(f"| site | cells | {folder_a.name} | {folder_b.name} | ratio |")
+    print("|---|---|---|---|---|")
+    totals = [0, 0.0, 0.0]
+    for row in summary["sites"]:
+        first, second = row["seconds"]
+        totals = [totals[0] + row["cells"], totals[1] + first, totals[2] + second]
+        print(f"| {row['site']} | {row['cells']} | {first:.0f} | {second:.0f} | {second / first:.2f}x |")
+    if totals[0]:
+        print(f"| all | {totals[0]} | {totals[1]:.0f} | {totals[2]:.0f} | {totals[2] / totals[1]:.2f}x |")
+    print(f"\nCells in one store only: {summary['only_first']} / {summary['only_second']}.")
+    largest = summary["largest_item_change"]
+    if largest:
+        print(f"Multiple-choice cells with the same score: {summary['same_score']} of {summary['scored_cells']}; "
+              f"largest change {largest['items']} item(s) ({largest['task']}, {largest['site']}, p={largest['value']:g}); "
+              "cells by items changed: " + ", ".join(f"{n}: {count}" for n, count in summary["cells_by_item_change"].items())
+              + ".")
+    largest = summary["largest_perplexity_change"]
+    if largest:
+        print(f"Perplexity cells: {summary['perplexity_cells']}; largest relative change {largest['relative']:.2e} "
+              f"({largest['task']}, {largest['site']}, p={largest['value']:g}).")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--cell-time"]:
+        folders = [Path(f) for f in sys.argv[2:4]]
+        if len(folders) != 2 or not all((f / "cells").is_dir() for f in folders):
+            raise SystemExit("error: --cell-time needs two sweep folders (each with a cells/ folder)")
+        cell_time_tables(*folders)
+        return
     if sys.argv[1:2] == ["--models"]:
         folders = [Path(f) for f in sys.argv[2:4]]
         if len(folders) != 2 or not all((f / "critical.json").is_file() and (f / "tidy.csv").is_file() for f in folders):

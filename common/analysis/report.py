@@ -208,6 +208,46 @@ def overhead(frame: pd.DataFrame) -> dict:
             "per_site": frame.assign(ratio=ratios).groupby("site").ratio.median().to_dict()}
 
 
+def cell_time_comparison(first: ResultStore, second: ResultStore) -> dict:
+    """Two stores of the same sweep (say, before and after a change): summed cell time per site
+    and the score change on the cells both hold, matched by (site, value, task, limit) whatever
+    else their keys record (dtype, device). Scores: the task's primary metric, as a number of
+    items for multiple-choice tasks (|change| x items) and relative for perplexity."""
+    from common.evaluation.tasks import primary_metric
+
+    def cells(store):
+        return {(k["site"], k["value"], k["task"], k["limit"]): r for k, r in store.records()}
+
+    a, b = cells(first), cells(second)
+    shared = sorted(set(a) & set(b), key=str)
+    sites = {}
+    for key in shared:
+        row = sites.setdefault(key[0], {"site": key[0], "cells": 0, "seconds": [0.0, 0.0]})
+        row["cells"] += 1
+        row["seconds"][0] += float(a[key]["seconds"])
+        row["seconds"][1] += float(b[key]["seconds"])
+    changes = []
+    for key in shared:
+        site, value, task, _ = key
+        metric = primary_metric(task)
+        before, after = a[key]["metrics"].get(metric), b[key]["metrics"].get(metric)
+        if before is None or after is None:
+            continue
+        if task in PERPLEXITY_TASKS:
+            change = {"relative": abs(after / before - 1.0) if before else float("inf")}
+        else:
+            change = {"items": round(abs(after - before) * len(a[key]["items"]))}
+        changes.append({"site": site, "value": value, "task": task, "metric": metric, **change})
+    choice = [c for c in changes if "items" in c]
+    ppl = [c for c in changes if "relative" in c]
+    return {"sites": list(sites.values()), "only_first": len(set(a) - set(b)), "only_second": len(set(b) - set(a)),
+            "scored_cells": len(choice), "same_score": sum(c["items"] == 0 for c in choice),
+            "cells_by_item_change": {n: sum(c["items"] == n for c in choice)
+                                     for n in sorted({c["items"] for c in choice})},
+            "largest_item_change": max(choice, key=lambda c: c["items"], default=None),
+            "perplexity_cells": len(ppl), "largest_perplexity_change": max(ppl, key=lambda c: c["relative"], default=None)}
+
+
 def figures(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, critical: list[dict],
             folder: Path, threshold: float = 0.99) -> list[Path]:
     paths = []
