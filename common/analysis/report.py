@@ -22,7 +22,7 @@ from common.analysis.critical import (bootstrap_critical, bootstrap_indices, cri
 from common.analysis.orderings import choice_kl_items, site_orderings, values_every_task_has
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
 from common.evaluation.sweep import DENSE, SweepSpec, early_stop, measured_sparsity, perplexity
-from common.evaluation.tasks import PERPLEXITY_TASKS
+from common.evaluation.tasks import PERPLEXITY_TASKS, primary_metric
 
 
 def fidelity(sparse_items: list[dict], dense_items: list[dict]) -> dict:
@@ -213,8 +213,6 @@ def cell_time_comparison(first: ResultStore, second: ResultStore) -> dict:
     and the score change on the cells both hold, matched by (site, value, task, limit) whatever
     else their keys record (dtype, device). Scores: the task's primary metric, as a number of
     items for multiple-choice tasks (|change| x items) and relative for perplexity."""
-    from common.evaluation.tasks import primary_metric
-
     def cells(store):
         return {(k["site"], k["value"], k["task"], k["limit"]): r for k, r in store.records()}
 
