@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from common.cli.flags import positive_int
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -31,12 +33,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads (torch.set_num_threads; a sweep shard runs with 1); default: torch's")
     args = parser.parse_args()
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads {args.threads}: give a positive number of CPU threads")
+    if args.threads:
         torch.set_num_threads(args.threads)
     import lm_eval
 

@@ -59,4 +59,4 @@ def test_shared_context_benchmark_on_tiny_model(tiny_dir):
 @pytest.mark.parametrize("script", ["bench_eval_overhead.py", "bench_shared_context.py"])
 def test_threads_must_be_positive(script):
     result = _run(script, "--threads", "0")
-    assert result.returncode == 2 and "give a positive number of CPU threads" in result.stderr
+    assert result.returncode == 2 and "--threads: expected 1 or more, got 0" in result.stderr
