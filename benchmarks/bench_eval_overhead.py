@@ -7,12 +7,14 @@ is not counted).
 
     python benchmarks/bench_eval_overhead.py --model smollm2-135m --task bb_social_iqa --limit 100 --dtype float32
     python benchmarks/bench_eval_overhead.py --threads 1   # as one sweep shard runs
+    python benchmarks/bench_eval_overhead.py --compare-torch-path   # fused top-p kernel on and off
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import time
 
@@ -36,9 +38,13 @@ def main() -> None:
                         help="score every choice with its full context (lm-eval's own path)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads (torch.set_num_threads; a sweep shard runs with 1); default: torch's")
+    parser.add_argument("--compare-torch-path", action="store_true",
+                        help="also time each sparse run with the fused top-p CPU kernel off (the pure-torch "
+                             "path), alternating with the others")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from common.core import fused_topp
     from common.evaluation.bridge import SparseHFLM
     from common.evaluation.sweep import evaluate_task
     from common.models.loading import load_causal_lm
@@ -50,27 +56,44 @@ def main() -> None:
                     shared_context=not args.per_request)
     manager = task_manager()
 
-    def timed(site) -> tuple[float, float]:
+    def timed(site, fused: bool = True) -> tuple[float, float]:
         """(wall-clock s, CPU s) of one evaluation."""
+        os.environ[fused_topp.SWITCH] = "1" if fused else "0"
         lm.set_sparsification(site, "topp", args.value)
         start, start_cpu = time.perf_counter(), time.process_time()
         evaluate_task(lm, args.task, manager, limit=args.limit)
         return time.perf_counter() - start, time.process_time() - start_cpu
 
+    compare = args.compare_torch_path
+    kernel = "fused top-p kernel" if fused_topp.kernel() is not None else "pure-torch top-p"
+    if kernel == "pure-torch top-p" and compare:
+        raise SystemExit("the fused top-p kernel is not available here (see the warning): nothing to compare")
     for site in [None] + args.sites:
         timed(site)  # warm-up
+        if compare and site:
+            timed(site, fused=False)
     print(f"{args.model}, {args.dtype}, {args.task}, {args.limit} items, top-p {args.value}, "
-          f"{'per-request' if args.per_request else 'shared-context'} scoring, {torch.get_num_threads()} threads")
-    print("| site | dense s | sparse s | ratio | dense CPU s | sparse CPU s | CPU ratio |")
-    print("|---|---|---|---|---|---|---|")
+          f"{'per-request' if args.per_request else 'shared-context'} scoring, {kernel}, "
+          f"{torch.get_num_threads()} threads")
+    header = "| site | dense s | sparse s | ratio | dense CPU s | sparse CPU s | CPU ratio |"
+    if compare:
+        header += " pure-torch sparse s | ratio | CPU ratio |"
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
     for site in args.sites:
-        dense, sparse = [], []
+        dense, sparse, plain = [], [], []
         for _ in range(args.repeats):
             dense.append(timed(None))
             sparse.append(timed(site))
+            if compare:
+                plain.append(timed(site, fused=False))
         d, s = (statistics.median(t[0] for t in runs) for runs in (dense, sparse))
         dc, sc = (statistics.median(t[1] for t in runs) for runs in (dense, sparse))
-        print(f"| {site} | {d:.2f} | {s:.2f} | {s / d:.2f}x | {dc:.2f} | {sc:.2f} | {sc / dc:.2f}x |", flush=True)
+        row = f"| {site} | {d:.2f} | {s:.2f} | {s / d:.2f}x | {dc:.2f} | {sc:.2f} | {sc / dc:.2f}x |"
+        if compare:
+            t, tc = statistics.median(t[0] for t in plain), statistics.median(t[1] for t in plain)
+            row += f" {t:.2f} | {t / d:.2f}x | {tc / dc:.2f}x |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from transformers.integrations.moe import (
 
 from common.core.hooks import ModelHooks
 from common.core.recorder import SparsityRecorder
-from common.core.rules import keep_threshold, validate_rule, zero_below
+from common.core.rules import sparsify_and_count, validate_rule
 from common.core.sites import detect_architecture, expand_sites, layer_list_path, resolve_layers
 
 from .counting import expert_totals
@@ -87,7 +87,7 @@ class _ExpertState:
         owner = self.owner
         if site not in owner.sites:
             return tensor
-        sparse, kept = zero_below(tensor, *keep_threshold(tensor, owner.rule, owner.value, owner.power))
+        sparse, kept = sparsify_and_count(tensor, owner.rule, owner.value, owner.power)
         slots, selected = rows.to_slots(kept)
         owner._report(self.layer, site, slots, selected, rows.top_k_index, tensor.shape[-1])
         return sparse
@@ -233,7 +233,7 @@ class ExpertSparsifier(ModelHooks):
         self._valid = self.recorder.valid_for(hidden_states) if self.recorder.enabled else None
         if "input" not in self.sites:
             return None
-        sparse, kept = zero_below(hidden_states, *keep_threshold(hidden_states, self.rule, self.value, self.power))
+        sparse, kept = sparsify_and_count(hidden_states, self.rule, self.value, self.power)
         self._report(layer, "input", kept.unsqueeze(-1).expand(top_k_index.shape), None, top_k_index,
                      hidden_states.shape[-1])
         if args:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from common.core.recorder import SparsityRecorder
-from common.core.rules import keep_threshold, validate_rule, zero_below
+from common.core.rules import keep_threshold, sparsify_and_count, validate_rule, zero_below
 from common.core.sites import site_module_names
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 spells it ``cache``
@@ -169,10 +169,13 @@ class Sparsifier(SiteHooks):
         self.rule, self.value, self.power = rule, float(value), float(power)
 
     def transform(self, layer: int, site: str, tensor: torch.Tensor) -> torch.Tensor:
-        a, threshold = keep_threshold(tensor, self.rule, self.value, self.power)
-        sparse, kept = zero_below(tensor, a, threshold)
-        # The boolean mask only for observers: the counts come with the zeroing.
-        mask = (a >= threshold).reshape(tensor.shape) if self.recorder.enabled and self.recorder.observers else None
+        mask = None
+        if self.recorder.enabled and self.recorder.observers:  # the boolean mask only for observers
+            a, threshold = keep_threshold(tensor, self.rule, self.value, self.power)
+            sparse, kept = zero_below(tensor, a, threshold)
+            mask = (a >= threshold).reshape(tensor.shape)
+        else:  # the counts come with the zeroing
+            sparse, kept = sparsify_and_count(tensor, self.rule, self.value, self.power)
         self.recorder.record(layer, site, tensor, mask, kept=kept)
         return sparse
 

@@ -24,9 +24,11 @@ All prove per row that their float64 sums, added in another order, cannot round 
 decision than the sequential cumulative sum would; rows where that proof fails are
 recomputed with the full sort.
 
-Every rule is a threshold per row (``rule_threshold``): keep ``a >= threshold``. The hooks
-apply it with ``zero_below``, which zeroes and counts on the bit patterns in a few integer
-passes, without a boolean mask.
+Every rule is a threshold per row (``rule_threshold``): keep ``a >= threshold``.
+``zero_below`` applies it, zeroing and counting on the bit patterns in a few integer passes,
+without a boolean mask. The hooks call ``sparsify_and_count``, which on CPU hands top-p to the
+fused kernel of ``common.core.fused_topp`` (the same radix select, threshold, zeroing and counts
+per row in one pass) and takes these tensor-wide paths otherwise.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import math
 from functools import lru_cache
 
 import torch
+
+from common.core import fused_topp
 
 RULES = ("topp", "maxp", "topk")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -398,6 +402,30 @@ def zero_below(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor) -> tup
     return out.reshape(x.shape), kept.reshape(x.shape[:-1])
 
 
+def sparsify_and_count(x: torch.Tensor, rule: str = "topp", value: float = 1.0,
+                       power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [..., D] with the entries outside the rule's keep-mask set to zero and the kept count
+    per token [...] (int32): ``zero_below(x, *keep_threshold(x, ...))``, bit for bit.
+
+    Top-p on CPU takes the fused kernel where it applies (``common.core.fused_topp``: one pass per
+    row, in cache); the rows it cannot decide exactly are recomputed here with the full sort.
+    """
+    validate_rule(rule, value, power)
+    _validate_tensor(x)
+    value, power = float(value), float(power)
+    if fused_topp.applies(x, rule, value, power):
+        rows = x.reshape(-1, x.shape[-1])
+        fused = fused_topp.sparsify_rows(rows, value)
+        if fused is not None:
+            sparse, kept, accepted = fused
+            if not bool(accepted.all()):
+                left = ~accepted
+                a = magnitudes(rows[left])
+                sparse[left], kept[left] = zero_below(rows[left], a, topp_threshold_reference(a, value))
+            return sparse.reshape(x.shape), kept.reshape(x.shape[:-1])
+    return zero_below(x, *keep_threshold(x, rule, value, power))
+
+
 def sparsify(x: torch.Tensor, rule: str = "topp", value: float = 1.0, power: float = 1.0) -> torch.Tensor:
     """``x`` with the entries outside the rule's keep-mask set to zero (same dtype and device)."""
-    return zero_below(x, *keep_threshold(x, rule, value, power))[0]
+    return sparsify_and_count(x, rule, value, power)[0]
