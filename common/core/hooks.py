@@ -170,7 +170,7 @@ class Sparsifier(SiteHooks):
 
     def transform(self, layer: int, site: str, tensor: torch.Tensor) -> torch.Tensor:
         mask = None
-        if self.recorder.enabled and self.recorder.observers:  # the boolean mask only for observers
+        if self.recorder.needs_masks:  # the boolean mask only for observers that read it
             a, threshold = keep_threshold(tensor, self.rule, self.value, self.power)
             sparse, kept = zero_below(tensor, a, threshold)
             mask = (a >= threshold).reshape(tensor.shape)

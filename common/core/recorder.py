@@ -24,6 +24,16 @@ class Observer(Protocol):
                 mask: torch.Tensor | None, valid: torch.Tensor | None) -> None: ...
 
 
+class CountObserver(Protocol):
+    """Needs only the kept count per token [...] (None in capture mode), so the sparsifying hooks
+    build no boolean mask for it (``counts_only = True`` marks it)."""
+
+    counts_only: bool
+
+    def observe_counts(self, layer: int, site: str, context: dict, kept: torch.Tensor | None, width: int,
+                       valid: torch.Tensor | None) -> None: ...
+
+
 def lengths_to_valid(lengths, seq_len: int, padding_side: str = "right", device=None) -> torch.Tensor:
     """[B, L] bool mask of real tokens from per-row lengths."""
     lengths = torch.as_tensor(lengths, device=device).reshape(-1, 1)
@@ -159,7 +169,15 @@ class SparsityRecorder:
             else:
                 self.add_counts(layer, site, (kept * valid).sum(), valid.sum() * width, context)
         for observer in self.observers:
-            observer.observe(layer, site, dict(context), tensor, mask, valid)
+            if getattr(observer, "counts_only", False):
+                observer.observe_counts(layer, site, dict(context), kept, tensor.shape[-1], valid)
+            else:
+                observer.observe(layer, site, dict(context), tensor, mask, valid)
+
+    @property
+    def needs_masks(self) -> bool:
+        """Whether an observer needs the boolean keep-mask (not only the kept counts)."""
+        return self.enabled and any(not getattr(observer, "counts_only", False) for observer in self.observers)
 
     def add_counts(self, layer: int, site: str, kept, counted, context: dict | None = None) -> None:
         """Add kept / counted entries to a key (counts may be device tensors: no sync here)."""

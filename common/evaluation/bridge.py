@@ -118,16 +118,19 @@ def split_arg(value) -> list:
 
 class PerTokenKept:
     """Dense per-token counts: an observer holding the kept count of every token of the last
-    call, until rows are committed."""
+    call, until rows are committed. It reads only the counts the hooks make while zeroing
+    (``counts_only``), so no boolean mask is built for it."""
+
+    counts_only = True
 
     def __init__(self):
         self.kept: dict[tuple[int, str], torch.Tensor] = {}
         self.width: dict[tuple[int, str], int] = {}
 
-    def observe(self, layer, site, context, tensor, mask, valid) -> None:
-        if mask is not None:
-            self.kept[(layer, site)] = mask.sum(dim=-1)
-            self.width[(layer, site)] = mask.shape[-1]
+    def observe_counts(self, layer, site, context, kept, width, valid) -> None:
+        if kept is not None:
+            self.kept[(layer, site)] = kept
+            self.width[(layer, site)] = width
 
     def commit_row(self, row: int, length: int, recorder: SparsityRecorder) -> None:
         for (layer, site), kept in self.kept.items():

@@ -131,6 +131,29 @@ def test_per_request_path_counts_the_context_once_per_choice():
     assert {row["counted"] for row in lm.recorder.rows()} == {per_request_tokens * model.config.intermediate_size}
 
 
+def test_per_request_kept_counts_come_from_the_zeroing_without_a_mask(monkeypatch):
+    """lm-eval's per-request path (rolling perplexity takes it) commits per-token kept counts of
+    padded batches; they equal plain runs of each request alone, and no boolean mask is built."""
+    import common.core.hooks as hooks
+
+    model, requests = tiny_model("llama"), _requests(seed=3)
+    expected = {}
+    for _, context, continuation in requests:
+        with Sparsifier(model, "intermediate", "topp", 0.7) as sparsifier, torch.no_grad():
+            model(torch.tensor([context + continuation[:-1]]))
+        for row in sparsifier.recorder.rows():
+            kept, counted = expected.get(row["layer"], (0, 0))
+            expected[row["layer"]] = (kept + row["kept"], counted + row["counted"])
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("a boolean keep-mask was built for counts only")
+
+    monkeypatch.setattr(hooks, "keep_threshold", no_mask)
+    lm = _lm(model, False, 4, "intermediate", 0.7)
+    lm._loglikelihood_tokens(requests)
+    assert {row["layer"]: (row["kept"], row["counted"]) for row in lm.recorder.rows()} == expected
+
+
 def test_moe_expert_counts_count_context_tokens_once():
     model, requests = tiny_moe("qwen3_moe"), _requests(seed=4)
     lm = _lm(model, True, 4, "intermediate", 0.7)
