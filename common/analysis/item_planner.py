@@ -152,6 +152,29 @@ def task_average_with_error(dense, sparse) -> dict:
     return out
 
 
+def _band_crossings(s: np.ndarray, scores: np.ndarray, standard_errors: np.ndarray, threshold: float):
+    """((low crossing, its index), (high crossing, its status, its index)): the crossings of the
+    curve shifted down and up by 1.96 standard errors at every point (points sorted by sparsity)."""
+    x_low, _, k_low = fitted_crossing(s, scores - Z95 * standard_errors, threshold)
+    x_high, high_status, k_high = fitted_crossing(s, scores + Z95 * standard_errors, threshold)
+    return (x_low, k_low), (x_high, high_status, k_high)
+
+
+def band_interval(dense: Mapping[str, object], sparse: Mapping[float, Mapping[str, object]],
+                  sparsity: Mapping[float, float], threshold: float = 0.99) -> tuple[float, float]:
+    """The planner's 95% interval of the crossing from paired items (same arguments as
+    ``plan_items``, every item scored): (low, high), where the task-average curve shifted down and
+    up by 1.96 standard errors at every point crosses the threshold; high is inf while the upper
+    band stays above the threshold at the sparsest point. Conservative where the bootstrap
+    interval of the isotonic crossing is too narrow (few items; ``scripts/search_calibration.py``)."""
+    curve = task_average_with_error(dense, sparse)
+    values = sorted(sparse, key=lambda v: (sparsity[v], -float(v)))
+    s = np.array([sparsity[v] for v in values], dtype=float)
+    (x_low, _), (x_high, high_status, _) = _band_crossings(s, np.array([curve[v][0] for v in values]),
+                                                           np.array([curve[v][1] for v in values]), threshold)
+    return float(x_low), math.inf if high_status == "all_above" else float(x_high)
+
+
 def plan_items(dense: Mapping[str, object], sparse: Mapping[float, Mapping[str, object]],
                sparsity: Mapping[float, float], available: Mapping[str, int], *, target_halfwidth: float = 0.05,
                max_items: int = 200_000, threshold: float = 0.99, min_items: int = 100, min_step: int = 100,
@@ -184,8 +207,7 @@ def plan_items(dense: Mapping[str, object], sparse: Mapping[float, Mapping[str, 
         return ItemPlan("no_crossing", where.format(threshold), math.nan, math.nan, None, **base)
 
     standard_errors = np.array([curve[v][1] for v in values])
-    x_low, _, k_low = fitted_crossing(s, a_scores - Z95 * standard_errors, threshold)
-    x_high, high_status, k_high = fitted_crossing(s, a_scores + Z95 * standard_errors, threshold)
+    (x_low, k_low), (x_high, high_status, k_high) = _band_crossings(s, a_scores, standard_errors, threshold)
     # an upper band above c at the sparsest point leaves the interval open beyond the grid
     halfwidth = math.inf if high_status == "all_above" else max(crossing - x_low, x_high - crossing)
     va, vb = values[k], values[k + 1]

@@ -19,6 +19,7 @@ from common.analysis import figures as plots
 from common.analysis.critical import (bootstrap_critical, bootstrap_indices, critical_sparsity,
                                       isotonic_crossing, isotonic_interval, mcnemar_exact, paired_bootstrap_ratio,
                                       perplexity_curves, task_average_curves)
+from common.analysis.item_planner import band_interval
 from common.analysis.orderings import choice_kl_items, site_orderings, values_every_task_has
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
 from common.evaluation.sweep import DENSE, SweepSpec, early_stop, measured_sparsity, perplexity
@@ -145,7 +146,13 @@ def _isotonic_reading(sparsity, sparse_items, dense_items, threshold: float, ite
     crossing, status = isotonic_crossing(sparsity, normalized, threshold)
     indices = [bootstrap_indices(len(d), iterations, seed) for seed, d in enumerate(dense_items)]
     low, high = isotonic_interval(sparsity, task_average_curves(sparse_items, dense_items, indices), threshold)
-    return {"crossing": crossing, "status": status, "interval": [low, high]}
+    reading = {"crossing": crossing, "status": status, "interval": [low, high]}
+    if all(np.mean(d) > 0 for d in dense_items):  # the band needs every task's dense score above 0
+        points = range(len(sparsity))
+        reading["band"] = list(band_interval(dict(enumerate(dense_items)),
+                                             {p: {t: np.asarray(items)[p] for t, items in enumerate(sparse_items)}
+                                              for p in points}, {p: float(sparsity[p]) for p in points}, threshold))
+    return reading
 
 
 def _perplexity_isotonic(store: ResultStore, spec: SweepSpec, site: str, task: str, rows: pd.DataFrame,
@@ -305,7 +312,10 @@ def write_report(store: ResultStore, spec: SweepSpec, output: Path, threshold: f
                "readings": {"grid": "highest evaluated sparsity with normalized score >= threshold",
                             "interpolated": "linear crossing between that point and the next sparser one",
                             "isotonic": "crossing of the non-increasing least-squares fit through every point, "
-                                        "95% paired-bootstrap interval (items resampled, curve refitted)",
+                                        "95% paired-bootstrap interval (items resampled, curve refitted); band: "
+                                        "where the curve shifted down and up by 1.96 standard errors at every point "
+                                        "crosses (paired items, delta method), the conservative interval where few "
+                                        "items make the bootstrap's too narrow",
                             "mcnemar": "exact McNemar test of sparse vs dense correctness on the same items at the "
                                        "grid reading's rule value of the task-average curve"},
                "critical": critical, "overhead": overhead(frame), **(extra or {})}

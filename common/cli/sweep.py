@@ -68,6 +68,8 @@ def print_summary(summary: dict, ppl_percent: float) -> None:
         if isotonic:
             line += (f" isotonic={isotonic['crossing']:.3f} [{isotonic['interval'][0]:.3f}, "
                      f"{isotonic['interval'][1]:.3f}]")
+            if "band" in isotonic:
+                line += f" band [{isotonic['band'][0]:.3f}, {isotonic['band'][1]:.3f}]"
         if mcnemar:
             line += (f"; vs dense at p={entry['mcnemar']['value']:g}: McNemar p={mcnemar['p_value']:.3g} "
                      f"({mcnemar['dense_only_correct']} items lost, {mcnemar['sparse_only_correct']} gained)")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from common.analysis.critical import bootstrap_indices, critical_sparsity, task_average_curves
-from common.analysis.item_planner import DENSE, ItemRequest, paired_ratio, plan_items, task_average_with_error
+from common.analysis.item_planner import (DENSE, ItemRequest, band_interval, paired_ratio, plan_items,
+                                          task_average_with_error)
 
 # Grid of a synthetic model: rule value -> (measured sparsity, true normalized score of every task).
 GRID = {0.99: (0.20, 1.0), 0.95: (0.35, 0.9995), 0.90: (0.45, 0.999), 0.85: (0.55, 0.996), 0.80: (0.62, 0.984),
@@ -217,3 +218,36 @@ def test_allocation_is_proportional_to_the_root_variance_and_meets_the_limit():
     # a task capped at its size leaves the rest of the variance to the others
     capped = _allocation({"b": 4.0, "c": 1.0}, {"b": 50, "c": 1000}, 0.09)
     assert capped["b"] == 50 and 4.0 / 50 + 1.0 / capped["c"] <= 0.09 <= 4.0 / 50 + 1.0 / (capped["c"] - 1) + 1e-9
+
+
+def test_band_interval_matches_a_hand_computation_and_the_plan():
+    """Two tasks, three thresholds: the band's ends are where the task average shifted by -1.96
+    and +1.96 standard errors crosses 0.99, computed here directly from the items."""
+    rng = np.random.default_rng(5)
+    dense = {"a": (rng.random(4000) < 0.6).astype(float), "b": (rng.random(3000) < 0.5).astype(float)}
+    flip = {0.95: 0.0, 0.9: 0.03, 0.8: 0.1}  # share of correct items each threshold breaks
+    sparse = {v: {t: np.where(rng.random(d.size) < f, 0.0, d) for t, d in dense.items()} for v, f in flip.items()}
+    sparsity = {0.95: 0.2, 0.9: 0.4, 0.8: 0.6}
+
+    def shifted(sign):
+        points = []
+        for v in sorted(flip, reverse=True):
+            ratios, variance = [], 0.0
+            for t, d in dense.items():
+                s, m = sparse[v][t], d.mean()
+                r = s.mean() / m
+                psi = (s - r * d) / m
+                variance += max(psi.var(ddof=1), 3 / d.size / m**2) / d.size
+                ratios.append(r)
+            points.append((sparsity[v], np.mean(ratios) + sign * 1.959963984540054 * np.sqrt(variance) / 2))
+        (s_a, n_a), (s_b, n_b) = next((a, b) for a, b in zip(points, points[1:]) if a[1] >= 0.99 > b[1])
+        return s_a + (n_a - 0.99) / (n_a - n_b) * (s_b - s_a)
+
+    low, high = band_interval(dense, sparse, sparsity)
+    assert (low, high) == (pytest.approx(shifted(-1)), pytest.approx(shifted(+1)))
+    assert low < critical_sparsity(list(sparsity.values()),
+                                   [task_average_with_error(dense, sparse)[v][0] for v in sparsity]).interpolated < high
+    plan = plan_items(dense, sparse, sparsity, {"a": 4000, "b": 3000})
+    assert plan.band == (pytest.approx(low), pytest.approx(high))
+    # an upper band still above 0.99 at the sparsest point leaves the interval open
+    assert band_interval(dense, {0.95: sparse[0.95]}, {0.95: 0.2})[1] == float("inf")

@@ -4,10 +4,10 @@ import math
 
 import numpy as np
 import pytest
-from synthetic_curves import SyntheticSweep, sparsity_of
 
 from common.analysis.critical import isotonic_crossing, task_average_curves
 from common.analysis.search import check_search_settings, noise_aware_search
+from common.analysis.synthetic import SyntheticSweep, sparsity_of
 
 
 def _search(sweep, **settings):

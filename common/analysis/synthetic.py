@@ -1,4 +1,5 @@
-"""Synthetic sweeps with a known critical sparsity, for testing the search without a model.
+"""Synthetic sweeps with a known critical sparsity, for testing and calibrating the search without a
+model (``common.analysis.calibration``).
 
 A task of ``items`` items: each item the dense model gets right (probability ``accuracy``)
 breaks at a sparsity drawn from a logistic distribution (centre ``centre``, scale ``scale``, at

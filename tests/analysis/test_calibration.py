@@ -1,0 +1,78 @@
+"""The search's calibration on synthetic sweeps: the readings it compares and the rates it reports."""
+
+import numpy as np
+import pytest
+
+from common.analysis.calibration import (calibrate, calibrate_sweep, check_calibration_settings, grid_step_at,
+                                         markdown_table, summarize)
+from common.analysis.critical import isotonic_crossing, task_average_curves
+from common.analysis.synthetic import SyntheticSweep, sparsity_of
+from common.evaluation.sweep import PAPER_DENSE_GRID
+
+
+def test_grid_step_is_the_width_of_the_interval_holding_the_point():
+    grid = [0.0, 0.1, 0.15, 0.4]
+    assert grid_step_at(grid, 0.12) == pytest.approx(0.05)
+    assert grid_step_at(grid, 0.1) == pytest.approx(0.05)  # a grid point starts the interval above it
+    assert grid_step_at(grid, 0.0) == pytest.approx(0.1)
+    assert grid_step_at(grid, 0.9) == pytest.approx(0.25)  # beyond the grid: its last interval
+    assert grid_step_at(list(reversed(grid)), 0.3) == pytest.approx(0.25)
+
+
+def test_one_sweep_compares_the_grid_reading_the_search_and_the_truth():
+    sweep = SyntheticSweep(items=200, noise=0.05, centre=0.5, seed=3)
+    row = calibrate_sweep(sweep, PAPER_DENSE_GRID, iterations=200, seed=3)
+    results = [sweep.items(v) for v in PAPER_DENSE_GRID]
+    curve = task_average_curves([np.stack([r[t] for r in results]) for t in range(4)], sweep.dense)
+    expected, status = isotonic_crossing([sparsity_of(v) for v in PAPER_DENSE_GRID], curve)
+    assert status == "crossed" and row["grid"] == pytest.approx(expected)
+    assert row["truth"] == pytest.approx(sweep.true_crossing())
+    assert row["grid_interval"][0] <= row["grid"] <= row["grid_interval"][1]
+    assert row["search_interval"][0] <= row["search"] <= row["search_interval"][1]
+    assert row["search_new_values"] == len(sweep.calls) <= 8  # the grid was read without calling evaluate
+
+
+def test_summary_rates_match_a_hand_count():
+    rows = [{"truth": 0.30, "grid": 0.32, "grid_interval": [0.25, 0.35], "grid_step": 0.05, "search": 0.40,
+             "search_interval": [0.33, 0.45], "search_values": 8, "search_new_values": 8, "stopped": "budget",
+             "band_interval": [0.10, 0.50]},
+            {"truth": 0.50, "grid": 0.52, "grid_interval": [0.45, 0.60], "grid_step": 0.10, "search": 0.50,
+             "search_interval": [0.46, 0.55], "search_values": 6, "search_new_values": 6, "stopped": "converged",
+             "band_interval": [0.51, 0.70]}]
+    s = summarize(rows)
+    assert s["crossed"] == 2 and s["search_within_one_grid_step"] == 0.5  # |0.40-0.32| > 0.05, |0.50-0.52| <= 0.1
+    assert s["coverage"] == {"search": 0.5, "grid": 1.0, "band": 0.5}
+    assert s["truth_below_interval"] == {"search": 0.5, "grid": 0.0, "band": 0.5}
+    assert s["median_error"]["search"] == pytest.approx(0.05) and s["median_error"]["grid"] == pytest.approx(0.02)
+    assert s["mean_signed_error"]["search"] == pytest.approx(0.05)
+    assert s["median_interval_width"]["grid"] == pytest.approx(0.125)
+    assert s["median_interval_width"]["band"] == pytest.approx(0.295)
+    assert s["search_values_mean"] == 7 and s["search_new_values_max"] == 8
+    assert s["stopped"] == {"budget": 1, "converged": 1}
+    assert summarize([]) == {"crossed": 0}
+
+
+def test_calibration_separates_few_items_from_many():
+    """What the report's calibration table says, on 20 sweeps each: at 30 items per task the
+    search's bootstrap interval misses the truth in about half the sweeps (mostly lying above it)
+    while the planner's band covers it; at 1000 items the search lands within one grid step of the
+    grid and the band still covers the truth in nearly every sweep."""
+    few = calibrate(30, 0.1, sweeps=20, iterations=300)
+    assert few["crossed"] >= 18 and len(few["rows"]) == few["crossed"]
+    assert few["coverage"]["search"] <= 0.7 and few["truth_below_interval"]["search"] >= 0.3
+    assert few["coverage"]["band"] >= 0.9
+    many = calibrate(1000, 0.02, sweeps=20, iterations=300)
+    assert many["search_within_one_grid_step"] >= 0.9 and many["search_new_values_max"] <= 8
+    assert many["coverage"]["band"] >= 0.85
+    assert many["median_interval_width"]["search"] < few["median_interval_width"]["search"]
+    table = markdown_table([many, {"items": 5, "noise": 0.1, "crossed": 0}])
+    assert table.count("\n") == 3 and "| 1000 | 0.02 |" in table and "| 5 | 0.1 | 0 |" in table
+
+
+@pytest.mark.parametrize("items, noise, sweeps, message", [
+    ([1], [0.1], 10, "--items"), ([], [0.1], 10, "--items"), ([30], [1.5], 10, "--noise"),
+    ([30], [float("nan")], 10, "--noise"), ([30], [0.1], 0, "--sweeps")])
+def test_bad_calibration_settings_are_refused_in_one_line(items, noise, sweeps, message):
+    with pytest.raises(ValueError, match=message) as error:
+        check_calibration_settings(items, noise, sweeps)
+    assert "\n" not in str(error.value)
