@@ -39,10 +39,11 @@ def dense_tables(folder: Path) -> None:
         cells.append(f"{average.get('interpolated', 0):.3f} ({average.get('grid', 0):.3f}) {average.get('status', '')}")
         cells.append("-" if ppl is None else f"{ppl['interpolated']:.3f} ({ppl['grid']:.3f})")
         print(f"| {entry['site']} | " + " | ".join(cells) + " |")
-    print("\nTask-average curve: isotonic crossing with its 95% paired-bootstrap interval, exact McNemar test "
-          "against dense at the grid reading's value, and the grid values evaluated.\n")
-    print("| site | isotonic crossing [95% interval] | McNemar at p (lost / gained, p-value) | values evaluated |")
-    print("|---|---|---|---|")
+    print("\nTask-average curve: isotonic crossing with its 95% paired-bootstrap interval, the band interval "
+          "(curve shifted by 1.96 paired standard errors), exact McNemar test against dense at the grid reading's "
+          "value, and the grid values evaluated.\n")
+    print("| site | isotonic crossing [95% interval] | band | McNemar at p (lost / gained, p-value) | values evaluated |")
+    print("|---|---|---|---|---|")
     for entry in summary["critical"]:
         isotonic = entry.get("task_average_curve", {}).get("isotonic") or {}
         mcnemar = entry.get("mcnemar", {})
@@ -53,9 +54,10 @@ def dense_tables(folder: Path) -> None:
                                    f"to {stop['skipped_values'][-1]:g})" if stop and stop["skipped_values"] else "")
         crossing = "-" if "crossing" not in isotonic else (
             f"{isotonic['crossing']:.3f} [{_fmt(isotonic['interval'][0])}, {_fmt(isotonic['interval'][1])}]")
+        band = "-" if "band" not in isotonic else f"[{_fmt(isotonic['band'][0])}, {_fmt(isotonic['band'][1])}]"
         test = "-" if not pooled else (f"p={mcnemar['value']:g}: {pooled['dense_only_correct']} / "
                                        f"{pooled['sparse_only_correct']}, {pooled['p_value']:.3g}")
-        print(f"| {entry['site']} | {crossing} | {test} | {values} |")
+        print(f"| {entry['site']} | {crossing} | {band} | {test} | {values} |")
     overhead = summary.get("overhead", {})
     if overhead:
         print(f"\nSparse / dense evaluation time (median over cells): {overhead['median_time_ratio_sparse_over_dense']:.2f}x; "

@@ -122,6 +122,8 @@ def test_report_tables_print_the_orderings_and_search_against_grid(tmp_path):
     script = Path(__file__).resolve().parents[2] / "scripts" / "report_tables.py"
     tables = subprocess.run([sys.executable, str(script), str(store.root)], capture_output=True, text=True, check=True)
     assert "| input vs intermediate | choice_kl |" in tables.stdout and "→ intermediate" in tables.stdout
+    band = iso["band"]  # the band interval beside the bootstrap one, as critical.json holds it
+    assert band[0] <= band[1] and f"| [{band[0]:.3f}, {band[1]:.3f}] |" in tables.stdout
     versus = subprocess.run([sys.executable, str(script), "--search-vs-grid", str(tmp_path), str(store.root)],
                             capture_output=True, text=True, check=True)
     line = next(l for l in versus.stdout.splitlines() if l.startswith("| input |"))
