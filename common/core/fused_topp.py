@@ -3,8 +3,9 @@ zeroing and the kept count in one parallel pass, 2.2-4.5x cheaper than the tenso
 radix select plus ``zero_below`` (``benchmarks/bench_topp_paths.py``).
 
 It is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``;
-about 30 s once, then loaded from torch's extension cache). Where it cannot be built, a warning
-says why once and the rules keep their pure-torch path, which gives the same masks.
+about 30 s once, then loaded from torch's extension cache). A compiler without OpenMP gets a
+one-thread build (with a warning); where nothing can be built, a warning says why once and the
+rules keep their pure-torch path, which gives the same masks.
 ``ACTIVATION_SPARSITY_FUSED_TOPP=0`` turns it off (for side-by-side measurements or a broken
 toolchain).
 """
@@ -24,6 +25,8 @@ import torch
 SOURCE = Path(__file__).with_name("topp_cpu.cpp")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SWITCH = "ACTIVATION_SPARSITY_FUSED_TOPP"
+NAME = "activation_sparsity_topp_cpu"
+OPENMP = ["-fopenmp"]  # at::parallel_for runs the rows on torch's threads only when compiled with OpenMP
 
 
 def enabled() -> bool:
@@ -46,11 +49,16 @@ def _build():
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
             except ImportError:
                 pass
-        module = load(name="activation_sparsity_topp_cpu", sources=[str(SOURCE)],
-                      extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        try:
+            module = load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", *OPENMP], extra_ldflags=OPENMP,
+                          verbose=False)
+        except Exception as error:  # a compiler without OpenMP (Apple's clang): build the one-thread kernel
+            module = load(name=f"{NAME}_serial", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+            warnings.warn(f"the fused top-p CPU kernel was built without OpenMP ({_first_line(error)}), so it runs "
+                          f"on one thread per process; it gives the same masks (set {SWITCH}=0 to use the "
+                          "multi-threaded pure-torch path instead)", RuntimeWarning, stacklevel=3)
     except Exception as error:  # no compiler, no ninja, a failed build: the torch path still works
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"the fused top-p CPU kernel could not be built ({reason[:200]}); using the pure-torch "
+        warnings.warn(f"the fused top-p CPU kernel could not be built ({_first_line(error)}); using the pure-torch "
                       f"path, which gives the same masks more slowly (set {SWITCH}=0 to silence this)",
                       RuntimeWarning, stacklevel=3)
         return None
@@ -60,6 +68,11 @@ def _build():
     if elapsed > 5:
         print(f"built the fused top-p CPU kernel in {elapsed:.0f} s (once; torch caches it)", file=sys.stderr)
     return module
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 def kernel():

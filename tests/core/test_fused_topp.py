@@ -146,3 +146,27 @@ def test_switched_off_or_unbuildable_kernel_falls_back_to_the_torch_path(monkeyp
             _assert_identical(x, 0.9)
     finally:
         fused_topp._build.cache_clear()  # the next test loads the real kernel again
+
+
+def test_a_compiler_without_openmp_gets_the_one_thread_kernel(monkeypatch):
+    """Apple's clang rejects -fopenmp: the kernel is built again without it (one thread per
+    process, a warning says so) and gives the same outputs."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    real_load = cpp_extension.load
+
+    def no_openmp(*args, **kwargs):
+        if "-fopenmp" in kwargs.get("extra_cflags", []):
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(cpp_extension, "load", no_openmp)
+    fused_topp._build.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="without OpenMP .*unsupported option '-fopenmp'.* one thread"):
+            module = fused_topp.kernel()
+        assert module is not None and module.__name__.endswith("_serial")
+        for dtype in (torch.bfloat16, torch.float32):
+            _assert_identical((torch.randn(64, 1536) * torch.randn(64, 1536).exp()).to(dtype), 0.9)
+    finally:
+        fused_topp._build.cache_clear()  # the next test loads the real kernel again
