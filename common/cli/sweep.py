@@ -40,10 +40,22 @@ def run_sweep(args, lm, spec: SweepSpec, store: ResultStore, shard: tuple[int, i
         run_item_planned_sweep(args, runner, output, shard)
         return None
     if args.search:
-        extra["search"] = run_search(runner, args.threshold, args.resolution, args.budget, ppl_percent,
-                                     args.bootstrap or 1000)
-        atomic_write_json(output / "search.json", extra["search"])
-        values = searched_values(extra["search"])  # the report reads exactly the evaluated values
+        searches = run_search(runner, args.threshold, args.resolution, args.budget, ppl_percent,
+                              args.bootstrap or 1000)
+        if shard[1] > 1:  # sites go to shards: each writes its own file, the report needs every shard's
+            atomic_write_json(output / shard_file("search", shard), searches)
+            order = {site: i for i, site in enumerate(spec.sites)}
+            searches = sorted(searches + _other_shards(output, shard, "search", lambda data: data),
+                              key=lambda r: order.get(r["site"], len(order)))
+            waiting = [site for site in spec.sites if site not in {r["site"] for r in searches}]
+            if waiting:
+                print(f"this shard is done; the search of {', '.join(waiting)} (other shards) is not finished yet: "
+                      "search.json, the tables and figures are written when every shard has finished (re-run any "
+                      "shard then: its evaluated values are reused)")
+                return None
+        atomic_write_json(output / "search.json", searches)
+        extra["search"] = searches
+        values = searched_values(searches)  # the report reads exactly the evaluated values
     else:
         runner.run_grid()
         missing = runner.missing_cells()
@@ -92,25 +104,35 @@ def print_summary(summary: dict, ppl_percent: float) -> None:
         print(f"{'':>12}  {search['cells_evaluated']} new cells")
 
 
+def shard_file(stem: str, shard: tuple[int, int]) -> str:
+    """``stem_shardKofN.json``: one shard's records of a sweep whose sites go to shards one by one."""
+    return f"{stem}_shard{shard[0] + 1}of{shard[1]}.json"
+
+
+def _other_shards(output: Path, shard: tuple[int, int], stem: str, records) -> list[dict]:
+    """The site records (``records(parsed file)``) the other shards have written so far."""
+    found = []
+    for k in range(shard[1]):
+        path = output / shard_file(stem, (k, shard[1]))
+        if k != shard[0] and path.is_file():
+            try:
+                found += records(json.loads(path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError):  # being replaced, or not such a file: read next time
+                continue
+    return found
+
+
 def other_shards_sites(output: Path, shard: tuple[int, int]) -> list[dict]:
     """The site records the other shards of this item-planned sweep have written so far (sites go to
     shards one by one, so orderings between sites need every shard's file)."""
-    records = []
-    for k in range(shard[1]):
-        path = output / f"item_plan_shard{k + 1}of{shard[1]}.json"
-        if k != shard[0] and path.is_file():
-            try:
-                records += json.loads(path.read_text())["sites"]
-            except (OSError, ValueError, KeyError):  # being replaced, or not a plan file: read next time
-                continue
-    return records
+    return _other_shards(output, shard, "item_plan", lambda data: data["sites"])
 
 
 def run_item_planned_sweep(args, runner: SweepRunner, output: Path, shard: tuple[int, int]) -> dict:
     """The item-planned sweep of this shard's sites; writes item_plan[_shard K of N].json after every
     planning step (a site still running reads "continue"; the orderings read every shard's sites)
     and prints per site the crossing, its interval, why it stopped and the items used."""
-    name = "item_plan.json" if shard[1] == 1 else f"item_plan_shard{shard[0] + 1}of{shard[1]}.json"
+    name = "item_plan.json" if shard[1] == 1 else shard_file("item_plan", shard)
 
     def write(plans: list[dict]) -> dict:
         order = {site: i for i, site in enumerate(runner.spec.sites)}  # the same pairs in every shard's file

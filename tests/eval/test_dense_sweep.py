@@ -296,6 +296,25 @@ def test_dense_sweep_script_end_to_end_and_resume(tmp_path):
     [entry] = summary["critical"]
     assert entry["task_average_curve"]["isotonic"]["crossing"] == pytest.approx(search["crossing"])
     assert "isotonic=" in searched.stdout and "McNemar p=" in searched.stdout
+    # sites split over two shards: the first to finish waits, the second writes every site's search and report
+    import shutil
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(out, sharded, ignore=shutil.ignore_patterns("search.json", "critical.json"))
+    shard_args = ["--model", str(model_dir), "--sites", "intermediate", "input", "--search", "--resolution", "0.5",
+                  "--budget", "5", *search_args[:search_args.index("--output")], "--output", str(sharded),
+                  "--bootstrap", "50"]
+    first_shard = _run(*shard_args, "--shard", "2/2")
+    assert first_shard.returncode == 0, first_shard.stderr[-2000:]
+    assert "the search of intermediate (other shards) is not finished yet" in first_shard.stdout
+    assert not (sharded / "search.json").exists() and not (sharded / "critical.json").exists()
+    second_shard = _run(*shard_args, "--shard", "1/2")
+    assert second_shard.returncode == 0, second_shard.stderr[-2000:]
+    both = json.loads((sharded / "search.json").read_text())
+    assert [r["site"] for r in both] == ["intermediate", "input"]
+    assert both[1]["crossing"] == pytest.approx(search["crossing"])  # the same search, its cells reused
+    assert {c["site"] for c in json.loads((sharded / "critical.json").read_text())["critical"]} == {"intermediate",
+                                                                                                   "input"}
 
 
 def test_dense_sweep_script_bad_input(tmp_path):
