@@ -5,7 +5,7 @@
 
 Per setting (items per task x noise): how often the search lands within one paper-grid step of
 the full grid's isotonic crossing, median errors against the true crossing, and how often the
-search's and the grid's 95% bootstrap intervals cover the truth. The JSON (summaries and every
+search's and the grid's 95% bootstrap intervals and the band interval cover the truth. The JSON (summaries and every
 sweep) is written atomically to --output.
 """
 
@@ -31,9 +31,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("results/search_calibration/calibration.json"))
     args = parser.parse_args()
     try:
-        check_calibration_settings(args.items, args.noise, args.sweeps)
-        if args.budget < 2 or args.iterations < 100:
-            raise ValueError("--budget must be >= 2 and --iterations >= 100")
+        check_calibration_settings(args.items, args.noise, args.sweeps, args.budget, args.iterations)
     except ValueError as error:
         parser.error(str(error))
     summaries = []

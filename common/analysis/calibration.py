@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from common.analysis.critical import bootstrap_indices, isotonic_crossing, isotonic_interval, task_average_curves
 from common.analysis.item_planner import plan_items
-from common.analysis.search import DEFAULT_BUDGET, DEFAULT_WIDTH, noise_aware_search
+from common.analysis.search import DEFAULT_BUDGET, DEFAULT_WIDTH, check_search_settings, noise_aware_search
 from common.analysis.synthetic import SyntheticSweep, sparsity_of
 from common.evaluation.sweep import PAPER_DENSE_GRID
 
@@ -128,8 +128,12 @@ def markdown_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def check_calibration_settings(items: Sequence[int], noise: Sequence[float], sweeps: int) -> None:
+def check_calibration_settings(items: Sequence[int], noise: Sequence[float], sweeps: int,
+                               budget: int = DEFAULT_BUDGET, iterations: int = 1000) -> None:
     """One-line errors before any sweep runs."""
+    check_search_settings(0.99, DEFAULT_WIDTH, budget)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 100:
+        raise ValueError(f"--iterations (bootstrap resamples) must be a whole number >= 100, got {iterations}")
     if not items or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in items):
         raise ValueError(f"--items must be whole numbers >= 2 (items per task), got {list(items)}")
     if not noise or any(not (isinstance(x, (int, float)) and math.isfinite(x) and 0 <= x <= 1) for x in noise):

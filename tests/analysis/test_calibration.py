@@ -76,3 +76,9 @@ def test_bad_calibration_settings_are_refused_in_one_line(items, noise, sweeps, 
     with pytest.raises(ValueError, match=message) as error:
         check_calibration_settings(items, noise, sweeps)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("budget, iterations, message", [(1, 1000, "--budget"), (8, 50, "--iterations")])
+def test_bad_budget_or_resamples_are_refused(budget, iterations, message):
+    with pytest.raises(ValueError, match=message):
+        check_calibration_settings([30], [0.1], 10, budget, iterations)
