@@ -21,10 +21,17 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _band(band) -> str:
+    """[low, high]; an open band (upper end beyond the sparsest point, null in JSON) is [low, open)."""
+    return f"[{_fmt(band[0])}, open)" if band[1] is None or band[1] == math.inf else f"[{_fmt(band[0])}, {_fmt(band[1])}]"
+
+
 def dense_tables(folder: Path) -> None:
     summary = json.loads((folder / "critical.json").read_text())
     tasks = sorted({t for entry in summary["critical"] for t in entry["tasks"]})
-    print(f"### {summary['spec']['model']}: critical sparsity (limit {summary['spec']['limit']} items/task)\n")
+    limit = summary["spec"]["limit"]
+    items = "every item of each task" if not limit else f"the first {limit} items of each task"
+    print(f"### {summary['spec']['model']}: critical sparsity ({items})\n")
     print("Interpolated crossing of 99% (grid point in brackets); last columns: task-average curve, PPL-1%.\n")
     print("| site | " + " | ".join(tasks) + " | average curve | PPL-1% |")
     print("|---|" + "---|" * (len(tasks) + 2))
@@ -41,9 +48,10 @@ def dense_tables(folder: Path) -> None:
         print(f"| {entry['site']} | " + " | ".join(cells) + " |")
     print("\nTask-average curve: isotonic crossing with its 95% paired-bootstrap interval, the band interval "
           "(curve shifted by 1.96 paired standard errors), exact McNemar test against dense at the grid reading's "
-          "value, and the grid values evaluated.\n")
-    print("| site | isotonic crossing [95% interval] | band | McNemar at p (lost / gained, p-value) | values evaluated |")
-    print("|---|---|---|---|---|")
+          "value, the grid values evaluated, and the PPL-1% criterion read the same way.\n")
+    print("| site | isotonic crossing [95% interval] | band | McNemar at p (lost / gained, p-value) | values evaluated "
+          "| PPL-1%: isotonic [95% interval], band |")
+    print("|---|---|---|---|---|---|")
     for entry in summary["critical"]:
         isotonic = entry.get("task_average_curve", {}).get("isotonic") or {}
         mcnemar = entry.get("mcnemar", {})
@@ -54,10 +62,14 @@ def dense_tables(folder: Path) -> None:
                                    f"to {stop['skipped_values'][-1]:g})" if stop and stop["skipped_values"] else "")
         crossing = "-" if "crossing" not in isotonic else (
             f"{isotonic['crossing']:.3f} [{_fmt(isotonic['interval'][0])}, {_fmt(isotonic['interval'][1])}]")
-        band = "-" if "band" not in isotonic else f"[{_fmt(isotonic['band'][0])}, {_fmt(isotonic['band'][1])}]"
+        band = "-" if "band" not in isotonic else _band(isotonic["band"])
         test = "-" if not pooled else (f"p={mcnemar['value']:g}: {pooled['dense_only_correct']} / "
                                        f"{pooled['sparse_only_correct']}, {pooled['p_value']:.3g}")
-        print(f"| {entry['site']} | {crossing} | {band} | {test} | {values} |")
+        ppl = next((v.get("isotonic") for k, v in entry.items() if k.startswith("ppl_")), None) or {}
+        ppl_reading = "-" if "crossing" not in ppl else (
+            f"{ppl['crossing']:.3f} [{_fmt(ppl['interval'][0])}, {_fmt(ppl['interval'][1])}]"
+            + (f", band {_band(ppl['band'])}" if "band" in ppl else ""))
+        print(f"| {entry['site']} | {crossing} | {band} | {test} | {values} | {ppl_reading} |")
     overhead = summary.get("overhead", {})
     if overhead:
         print(f"\nSparse / dense evaluation time (median over cells): {overhead['median_time_ratio_sparse_over_dense']:.2f}x; "
@@ -116,7 +128,7 @@ def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
     summary = json.loads((grid_folder / "critical.json").read_text())
     grid = {c["site"]: c for c in summary["critical"]}
     scoring = [t for t in summary["spec"]["tasks"] if t not in PERPLEXITY_TASKS]
-    print("Task-average accuracy criterion: isotonic crossing [95% interval] of the grid and of the search, "
+    print("Task-average accuracy criterion: isotonic crossing [95% interval], band, of the grid and of the search, "
           "their difference and the values each evaluated (the grid's up to its early stop); PPL-1% on the "
           "perplexity task likewise.\n")
     print("| site | grid | search | difference | values (grid / search) | PPL-1% grid | PPL-1% search "
@@ -132,16 +144,16 @@ def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
         ppl_grid = next((v["isotonic"] for k, v in full.items() if k.startswith("ppl_")), None)
         ppl_search = next(iter(search.get("ppl", {}).values()), None)
 
-        def reading(crossing, interval):
-            return f"{crossing:.3f} [{_fmt(interval[0])}, {_fmt(interval[1])}]"
+        def reading(part):
+            band = f", band {_band(part['band'])}" if part.get("band") else ""
+            return f"{part['crossing']:.3f} [{_fmt(part['interval'][0])}, {_fmt(part['interval'][1])}]{band}"
 
         ppl_cells = "- | - | -"
         if ppl_grid and ppl_search:
-            ppl_cells = (f"{reading(ppl_grid['crossing'], ppl_grid['interval'])} | "
-                         f"{reading(ppl_search['crossing'], ppl_search['interval'])} | "
+            ppl_cells = (f"{reading(ppl_grid)} | {reading(ppl_search)} | "
                          f"{ppl_search['crossing'] - ppl_grid['crossing']:+.3f}")
-        print(f"| {search['site']} | {reading(isotonic['crossing'], isotonic['interval'])} "
-              f"| {reading(search['crossing'], search['interval'])} | {search['crossing'] - isotonic['crossing']:+.3f} "
+        print(f"| {search['site']} | {reading(isotonic)} "
+              f"| {reading(search)} | {search['crossing'] - isotonic['crossing']:+.3f} "
               f"| {grid_values} / {search['values_evaluated']} | {ppl_cells} "
               f"| {ppl_search['values_evaluated'] if ppl_search else '-'} |")
     print(f"\nAn accuracy value costs {len(scoring)} scoring tasks + the perplexity task; a PPL-only value one cell.\n")

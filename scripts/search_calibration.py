@@ -5,8 +5,9 @@
 
 Per setting (items per task x noise): how often the search lands within one paper-grid step of
 the full grid's isotonic crossing, median errors against the true crossing, and how often the
-search's and the grid's 95% bootstrap intervals and the band interval cover the truth. The JSON (summaries and every
-sweep) is written atomically to --output.
+search's and the grid's 95% bootstrap intervals and the band intervals (on the grid's points and
+on the search's) cover the truth. The JSON (summaries and every sweep) is written atomically to
+--output.
 """
 
 from __future__ import annotations

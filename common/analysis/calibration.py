@@ -22,13 +22,14 @@ import numpy as np
 from tqdm import tqdm
 
 from common.analysis.critical import bootstrap_indices, isotonic_crossing, isotonic_interval, task_average_curves
-from common.analysis.item_planner import plan_items
+from common.analysis.item_planner import task_average_band
 from common.analysis.search import DEFAULT_BUDGET, DEFAULT_WIDTH, check_search_settings, noise_aware_search
 from common.analysis.synthetic import SyntheticSweep, sparsity_of
 from common.evaluation.sweep import PAPER_DENSE_GRID
 
 CENTRES = (0.35, 0.8)  # each sweep's break-point centre is drawn uniformly from this range
-INTERVALS = ("search", "grid", "band")  # the search's and the grid's bootstrap intervals, the planner's band
+# the search's and the grid's bootstrap intervals, the planner's band on the grid, the band on the search's points
+INTERVALS = ("search", "grid", "band", "search_band")
 
 
 def grid_step_at(grid_sparsity: Sequence[float], at: float) -> float:
@@ -52,15 +53,14 @@ def calibrate_sweep(sweep: SyntheticSweep, grid: Sequence[float], threshold: flo
         return None
     indices = [bootstrap_indices(d.size, iterations, seed + t) for t, d in enumerate(sweep.dense)]
     grid_interval = isotonic_interval(sparsity, task_average_curves(stacked, sweep.dense, indices), threshold)
-    plan = plan_items({t: d for t, d in enumerate(sweep.dense)},
-                      {v: {t: r[t] for t in range(tasks)} for v, r in zip(grid, results)},
-                      dict(zip(grid, sparsity)), {t: d.size for t, d in enumerate(sweep.dense)}, threshold=threshold)
-    band = [math.nan, math.nan] if plan.band is None else [float(plan.band[0]), float(plan.band[1])]
+    band = list(task_average_band(sparsity, stacked, sweep.dense, threshold))
     search = noise_aware_search(sweep.evaluate, lambda items, ix: task_average_curves(items, sweep.dense, ix),
-                                threshold, width, budget, candidates=grid, iterations=iterations, seed=seed)
+                                threshold, width, budget, candidates=grid, iterations=iterations, seed=seed,
+                                band=lambda s, items: task_average_band(s, items, sweep.dense, threshold))
     return {"truth": sweep.true_crossing(threshold), "grid": grid_crossing, "grid_interval": list(grid_interval),
             "grid_step": grid_step_at(sparsity, grid_crossing), "band_interval": band, "search": search["crossing"],
-            "search_interval": search["interval"], "search_values": search["values_evaluated"],
+            "search_interval": search["interval"], "search_band_interval": search["band"],
+            "search_values": search["values_evaluated"],
             "search_new_values": search["new_values"], "stopped": search["stopped"]}
 
 
@@ -111,8 +111,9 @@ def summarize(rows: list[dict]) -> dict:
 def markdown_table(summaries: list[dict]) -> str:
     """One row per setting: the target rate, errors against the truth, interval coverage and width."""
     lines = ["| items per task | noise | sweeps | search within one grid step of the grid | values (mean) | "
-             "median error: search / grid | 95% interval covers the truth: search / grid / band | "
-             "truth below the interval: search / grid / band | median interval width: search / grid / band |",
+             "median error: search / grid | 95% interval covers the truth: search / grid / grid band / search band | "
+             "truth below the interval: search / grid / grid band / search band | "
+             "median interval width: search / grid / grid band / search band |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         if not s.get("crossed"):

@@ -201,6 +201,42 @@ def isotonic_interval(sparsity, curves, threshold: float = 0.99) -> tuple[float,
     return float(low), float(high)
 
 
+# ---- the band interval: the curve shifted by its pointwise 95% error --------------------------
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def band_crossings(sparsity_sorted: np.ndarray, scores: np.ndarray, standard_errors: np.ndarray, threshold: float):
+    """((low crossing, its index), (high crossing, its status, its index)): the crossings of the
+    curve shifted down and up by 1.96 standard errors at every point (points sorted by sparsity).
+    A crossing only rises when a point rises, so this interval also holds a wrong bracket (a noisy
+    point beyond the crossing that is really below the threshold), which a bootstrap of the
+    crossing misses where few items have changed yet."""
+    x_low, _, k_low = fitted_crossing(sparsity_sorted, scores - Z95 * standard_errors, threshold)
+    x_high, high_status, k_high = fitted_crossing(sparsity_sorted, scores + Z95 * standard_errors, threshold)
+    return (x_low, k_low), (x_high, high_status, k_high)
+
+
+def pointwise_band_interval(sparsity, scores, standard_errors, threshold: float = 0.99) -> tuple[float, float]:
+    """(low, high) of ``band_crossings`` for points in any order; high is inf while the upper band
+    stays above the threshold at the sparsest point."""
+    s = np.asarray(sparsity, dtype=float)
+    order = np.argsort(s, kind="stable")
+    (x_low, _), (x_high, high_status, _) = band_crossings(s[order], np.asarray(scores, dtype=float)[order],
+                                                          np.asarray(standard_errors, dtype=float)[order], threshold)
+    return float(x_low), math.inf if high_status == "all_above" else float(x_high)
+
+
+def perplexity_band(sparsity, sparse_logliks, dense_logliks, words, indices, threshold: float) -> tuple[float, float]:
+    """The band interval of the PPL-p% criterion: the perplexity ratio's standard error at each
+    point is its standard deviation over paired document resamples (``indices``). Every document's
+    likelihood moves with sparsity, so no floor is needed (unlike accuracy, where no item may
+    have changed yet)."""
+    resampled = perplexity_curves(sparse_logliks, dense_logliks, words, indices)
+    return pointwise_band_interval(sparsity, perplexity_curves(sparse_logliks, dense_logliks, words),
+                                   resampled.std(axis=0, ddof=1), threshold)
+
+
 # ---- is the critical point distinguishable from dense at all? ---------------------------------
 
 def mcnemar_exact(sparse_correct, dense_correct) -> dict:

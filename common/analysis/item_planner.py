@@ -37,11 +37,8 @@ from typing import Mapping
 
 import numpy as np
 
-from common.analysis.critical import fitted_crossing
+from common.analysis.critical import Z95, band_crossings, fitted_crossing, pointwise_band_interval
 from common.evaluation.sweep import DENSE  # the dense baseline, named as in the store's cells
-
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
-
 
 @dataclass(frozen=True)
 class ItemRequest:
@@ -152,14 +149,6 @@ def task_average_with_error(dense, sparse) -> dict:
     return out
 
 
-def _band_crossings(s: np.ndarray, scores: np.ndarray, standard_errors: np.ndarray, threshold: float):
-    """((low crossing, its index), (high crossing, its status, its index)): the crossings of the
-    curve shifted down and up by 1.96 standard errors at every point (points sorted by sparsity)."""
-    x_low, _, k_low = fitted_crossing(s, scores - Z95 * standard_errors, threshold)
-    x_high, high_status, k_high = fitted_crossing(s, scores + Z95 * standard_errors, threshold)
-    return (x_low, k_low), (x_high, high_status, k_high)
-
-
 def band_interval(dense: Mapping[str, object], sparse: Mapping[float, Mapping[str, object]],
                   sparsity: Mapping[float, float], threshold: float = 0.99) -> tuple[float, float]:
     """The planner's 95% interval of the crossing from paired items (same arguments as
@@ -169,10 +158,18 @@ def band_interval(dense: Mapping[str, object], sparse: Mapping[float, Mapping[st
     interval of the isotonic crossing is too narrow (few items; ``scripts/search_calibration.py``)."""
     curve = task_average_with_error(dense, sparse)
     values = sorted(sparse, key=lambda v: (sparsity[v], -float(v)))
-    s = np.array([sparsity[v] for v in values], dtype=float)
-    (x_low, _), (x_high, high_status, _) = _band_crossings(s, np.array([curve[v][0] for v in values]),
-                                                           np.array([curve[v][1] for v in values]), threshold)
-    return float(x_low), math.inf if high_status == "all_above" else float(x_high)
+    return pointwise_band_interval([sparsity[v] for v in values], [curve[v][0] for v in values],
+                                   [curve[v][1] for v in values], threshold)
+
+
+def task_average_band(sparsity, sparse_items, dense_items, threshold: float = 0.99) -> tuple[float, float]:
+    """``band_interval`` of points given as the search and the report hold them: ``sparse_items[t]``
+    is [points, items_t] in the order of ``sparsity``, ``dense_items[t]`` is [items_t]; every
+    task's dense score must be above 0."""
+    points = range(len(sparsity))
+    return band_interval(dict(enumerate(dense_items)),
+                         {p: {t: np.asarray(items)[p] for t, items in enumerate(sparse_items)} for p in points},
+                         {p: float(sparsity[p]) for p in points}, threshold)
 
 
 def plan_items(dense: Mapping[str, object], sparse: Mapping[float, Mapping[str, object]],
@@ -207,7 +204,7 @@ def plan_items(dense: Mapping[str, object], sparse: Mapping[float, Mapping[str, 
         return ItemPlan("no_crossing", where.format(threshold), math.nan, math.nan, None, **base)
 
     standard_errors = np.array([curve[v][1] for v in values])
-    (x_low, k_low), (x_high, high_status, k_high) = _band_crossings(s, a_scores, standard_errors, threshold)
+    (x_low, k_low), (x_high, high_status, k_high) = band_crossings(s, a_scores, standard_errors, threshold)
     # an upper band above c at the sparsest point leaves the interval open beyond the grid
     halfwidth = math.inf if high_status == "all_above" else max(crossing - x_low, x_high - crossing)
     va, vb = values[k], values[k + 1]

@@ -18,8 +18,8 @@ import pandas as pd
 from common.analysis import figures as plots
 from common.analysis.critical import (bootstrap_critical, bootstrap_indices, critical_sparsity,
                                       isotonic_crossing, isotonic_interval, mcnemar_exact, paired_bootstrap_ratio,
-                                      perplexity_curves, task_average_curves)
-from common.analysis.item_planner import band_interval
+                                      perplexity_band, perplexity_curves, task_average_curves)
+from common.analysis.item_planner import task_average_band
 from common.analysis.orderings import choice_kl_items, site_orderings, values_every_task_has
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
 from common.evaluation.sweep import DENSE, SweepSpec, early_stop, measured_sparsity, perplexity
@@ -148,10 +148,7 @@ def _isotonic_reading(sparsity, sparse_items, dense_items, threshold: float, ite
     low, high = isotonic_interval(sparsity, task_average_curves(sparse_items, dense_items, indices), threshold)
     reading = {"crossing": crossing, "status": status, "interval": [low, high]}
     if all(np.mean(d) > 0 for d in dense_items):  # the band needs every task's dense score above 0
-        points = range(len(sparsity))
-        reading["band"] = list(band_interval(dict(enumerate(dense_items)),
-                                             {p: {t: np.asarray(items)[p] for t, items in enumerate(sparse_items)}
-                                              for p in points}, {p: float(sparsity[p]) for p in points}, threshold))
+        reading["band"] = list(task_average_band(sparsity, sparse_items, dense_items, threshold))
     return reading
 
 
@@ -165,7 +162,8 @@ def _perplexity_isotonic(store: ResultStore, spec: SweepSpec, site: str, task: s
     crossing, status = isotonic_crossing(sparsity, perplexity_curves(sparse, dense_logliks, words), threshold)
     indices = bootstrap_indices(len(dense), iterations)
     low, high = isotonic_interval(sparsity, perplexity_curves(sparse, dense_logliks, words, indices), threshold)
-    return {"crossing": crossing, "status": status, "interval": [low, high]}
+    band = perplexity_band(sparsity, sparse, dense_logliks, words, indices, threshold)
+    return {"crossing": crossing, "status": status, "interval": [low, high], "band": list(band)}
 
 
 def _task_average_isotonic(store: ResultStore, spec: SweepSpec, site: str, site_rows: pd.DataFrame,
@@ -314,8 +312,10 @@ def write_report(store: ResultStore, spec: SweepSpec, output: Path, threshold: f
                             "isotonic": "crossing of the non-increasing least-squares fit through every point, "
                                         "95% paired-bootstrap interval (items resampled, curve refitted); band: "
                                         "where the curve shifted down and up by 1.96 standard errors at every point "
-                                        "crosses (paired items, delta method), the conservative interval where few "
-                                        "items make the bootstrap's too narrow",
+                                        "crosses (accuracy: paired items, delta method, at least three changed "
+                                        "answers per task; perplexity: the ratio's standard deviation over document "
+                                        "resamples), the conservative interval where few items make the bootstrap's "
+                                        "too narrow",
                             "mcnemar": "exact McNemar test of sparse vs dense correctness on the same items at the "
                                        "grid reading's rule value of the task-average curve"},
                "critical": critical, "overhead": overhead(frame), **(extra or {})}

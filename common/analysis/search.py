@@ -13,12 +13,16 @@ This search uses every evaluation made so far:
    value of the sweep's grid inside the gap if there is one (a search then sees the grid's
    points and reuses a grid's cells; finer values only where the grid has none);
 
-until the interval and the gap around the crossing are both narrower than ``width`` (in
-measured sparsity), or ``budget`` new values are spent. The PPL-p% criterion runs the same
+until the interval, the gap around the crossing and, where the caller gives one, the band
+interval (the curve shifted down and up by 1.96 standard errors at every point,
+``common.analysis.critical.band_crossings``) are all narrower than ``width`` (in measured
+sparsity), or ``budget`` new values are spent. The band is the honest reading where few items
+have changed: there the bootstrap interval is too narrow (``scripts/search_calibration.py``), and a
+search that stopped on it alone would call a noisy crossing converged. The PPL-p% criterion runs the same
 search on the perplexity ratio (documents resampled), starting from the values the accuracy
 search evaluated (their perplexity cells exist already).
 
-``stopped`` says why a search ended: ``converged`` (interval and gap narrower than the width),
+``stopped`` says why a search ended: ``converged`` (interval, gap and band narrower than the width),
 ``budget`` (the interval is the honest answer at this item count), ``never_reached`` (below the
 threshold even at value 1.0), ``all_above`` (above it even at value 0.0), ``no_room`` (the gaps
 holding the bootstrap crossings are narrower than the rule-value step ``VALUE_STEP``).
@@ -33,7 +37,8 @@ import numpy as np
 from tqdm import tqdm
 
 from common.analysis.critical import (bootstrap_indices, critical_sparsity, fitted_crossing, isotonic_crossings,
-                                      isotonic_fit, perplexity_curves, task_average_curves)
+                                      isotonic_fit, perplexity_band, perplexity_curves, task_average_curves)
+from common.analysis.item_planner import task_average_band
 from common.evaluation.sweep import DENSE, measured_sparsity
 from common.evaluation.tasks import PERPLEXITY_TASKS
 
@@ -44,6 +49,7 @@ VALUE_STEP = 1e-4  # rule values are rounded to this; a gap narrower than two st
 
 Evaluate = Callable[[float], tuple[float, Sequence[np.ndarray]]]
 Curves = Callable[[list[np.ndarray], list[np.ndarray] | None], np.ndarray]
+Band = Callable[[np.ndarray, list[np.ndarray]], tuple[float, float]]
 
 
 def check_search_settings(threshold: float, width: float, budget: int, ppl_percent: float = 1.0) -> None:
@@ -62,7 +68,7 @@ def check_search_settings(threshold: float, width: float, budget: int, ppl_perce
 def noise_aware_search(evaluate: Evaluate, curves: Curves, threshold: float = 0.99, width: float = DEFAULT_WIDTH,
                        budget: int = DEFAULT_BUDGET, coarse: Sequence[float] = COARSE_VALUES,
                        known: Sequence[float] = (), candidates: Sequence[float] = (), iterations: int = 1000,
-                       seed: int = 0, label: str = "search", verbose: bool = False) -> dict:
+                       seed: int = 0, label: str = "search", verbose: bool = False, band: Band | None = None) -> dict:
     """Critical sparsity of one criterion with at most ``budget`` new rule values.
 
     ``evaluate(value)`` returns (measured sparsity, per-task item arrays at that value), the
@@ -71,7 +77,8 @@ def noise_aware_search(evaluate: Evaluate, curves: Curves, threshold: float = 0.
     when ``indices`` (per task, [resamples, items], ``bootstrap_indices``) is given. ``known``
     values are evaluated first and cost nothing against the budget (their cells exist). A new value is the
     ``candidates`` value (a sweep's grid) nearest to the chosen one when the gap holds any, so a
-    search shares its points, and their noise, with the grid.
+    search shares its points, and their noise, with the grid. ``band(sparsity, items)`` (the points
+    sorted by sparsity, items stacked as for ``curves``) gives the band interval (low, high).
     """
     check_search_settings(threshold, width, budget)
     points: dict[float, tuple[float, list[np.ndarray]]] = {}
@@ -101,8 +108,9 @@ def noise_aware_search(evaluate: Evaluate, curves: Curves, threshold: float = 0.
             measure(value)
             new += 1
     while True:
-        fit = _fit(points, curves, indices, threshold)
-        history.append({"values": len(points), "crossing": fit["crossing"], "interval": fit["interval"]})
+        fit = _fit(points, curves, indices, threshold, band)
+        history.append({"values": len(points), "crossing": fit["crossing"], "interval": fit["interval"],
+                        "band": fit["band"]})
         progress.set_postfix(crossing=f"{fit['crossing']:.3f}", interval=f"{fit['interval'][0]:.3f}-"
                                                                            f"{fit['interval'][1]:.3f}")
         stopped, value = _next_value(fit, width, candidates)
@@ -115,15 +123,16 @@ def noise_aware_search(evaluate: Evaluate, curves: Curves, threshold: float = 0.
     progress.close()
     values = fit["values"]
     return {"label": label, "threshold": threshold, "width": width, "budget": budget, "status": fit["status"],
-            "crossing": fit["crossing"], "interval": fit["interval"], "bracket": fit["bracket"], "stopped": stopped,
+            "crossing": fit["crossing"], "interval": fit["interval"], "band": fit["band"], "bracket": fit["bracket"],
+            "stopped": stopped,
             "values_evaluated": len(values), "new_values": new, "order": order, "history": history,
             "critical": critical_sparsity(fit["sparsity"], fit["normalized"], threshold, values).as_dict(),
             "points": [{"value": v, "sparsity": s, "normalized": n, "fitted": f} for v, s, n, f in
                        zip(values, fit["sparsity"].tolist(), fit["normalized"].tolist(), fit["fitted"].tolist())]}
 
 
-def _fit(points: dict, curves: Curves, indices: list[np.ndarray], threshold: float) -> dict:
-    """Isotonic crossing of the evaluated points and its bootstrap crossings."""
+def _fit(points: dict, curves: Curves, indices: list[np.ndarray], threshold: float, band: Band | None = None) -> dict:
+    """Isotonic crossing of the evaluated points, its bootstrap crossings and the band interval."""
     values = sorted(points, key=lambda v: (points[v][0], -v))  # by measured sparsity
     sparsity = np.array([points[v][0] for v in values])
     stacked = [np.stack([points[v][1][t] for v in values]) for t in range(len(points[values[0]][1]))]
@@ -136,7 +145,8 @@ def _fit(points: dict, curves: Curves, indices: list[np.ndarray], threshold: flo
     interval = [float(x) for x in np.percentile(crossings, [2.5, 97.5])] if crossings.size else [math.nan] * 2
     bracket = [float(sparsity[k]), float(sparsity[k + 1])] if status == "crossed" else [crossing, crossing]
     return {"values": values, "sparsity": sparsity, "normalized": normalized, "fitted": fitted, "status": status,
-            "crossing": crossing, "interval": interval, "bracket": bracket, "crossings": crossings}
+            "crossing": crossing, "interval": interval, "bracket": bracket, "crossings": crossings,
+            "band": None if band is None else [float(x) for x in band(sparsity, stacked)]}
 
 
 def _next_value(fit: dict, width: float, candidates: Sequence[float] = ()) -> tuple[str | None, float | None]:
@@ -147,7 +157,8 @@ def _next_value(fit: dict, width: float, candidates: Sequence[float] = ()) -> tu
     if fit["status"] == "all_above":
         return ("all_above", None) if min(values) <= 0.0 else (None, 0.0)
     low, high = fit["interval"]
-    if high - low <= width and fit["bracket"][1] - fit["bracket"][0] <= width:
+    band_width = 0.0 if fit["band"] is None else fit["band"][1] - fit["band"][0]
+    if high - low <= width and fit["bracket"][1] - fit["bracket"][0] <= width and band_width <= width:
         return "converged", None
     crossings, best, target = fit["crossings"], 0.0, None
     for i in range(len(values) - 1):
@@ -214,7 +225,9 @@ def search_site(runner, site: str, threshold: float = 0.99, width: float = DEFAU
     out = {"site": site, "tasks": used,
            **noise_aware_search(accuracy, lambda items, indices: task_average_curves(items, dense_items, indices),
                                 threshold, width, budget, candidates=spec.grid, iterations=iterations,
-                                label=f"search {site}", verbose=runner.verbose), "ppl": {}}
+                                label=f"search {site}", verbose=runner.verbose,
+                                band=lambda sparsity, items: task_average_band(sparsity, items, dense_items, threshold)),
+           "ppl": {}}
     searched = [point["value"] for point in out["points"]]
     for task in [t for t in spec.tasks if t in PERPLEXITY_TASKS]:
         out["ppl"][task] = _perplexity_search(runner, site, task, dense[task], searched, ppl_percent, width,
@@ -235,9 +248,15 @@ def _perplexity_search(runner, site: str, task: str, dense: dict, known: list[fl
     def curves(items, indices):
         return perplexity_curves(items[0], dense_logliks, words, None if indices is None else indices[0])
 
-    return noise_aware_search(evaluate, curves, 1.0 / (1.0 + ppl_percent / 100.0), width, budget, coarse=(),
-                              known=known, candidates=runner.spec.grid, iterations=iterations,
-                              label=f"PPL-{ppl_percent:g}% {site}", verbose=runner.verbose)
+    threshold = 1.0 / (1.0 + ppl_percent / 100.0)
+    band_indices = bootstrap_indices(words.size, iterations, 0)
+
+    def band(sparsity, items):
+        return perplexity_band(sparsity, items[0], dense_logliks, words, band_indices, threshold)
+
+    return noise_aware_search(evaluate, curves, threshold, width, budget, coarse=(), known=known,
+                              candidates=runner.spec.grid, iterations=iterations,
+                              label=f"PPL-{ppl_percent:g}% {site}", verbose=runner.verbose, band=band)
 
 
 def _item_scores(result: dict, field: str, expected: int | None = None) -> np.ndarray:

@@ -35,18 +35,19 @@ def test_one_sweep_compares_the_grid_reading_the_search_and_the_truth():
 def test_summary_rates_match_a_hand_count():
     rows = [{"truth": 0.30, "grid": 0.32, "grid_interval": [0.25, 0.35], "grid_step": 0.05, "search": 0.40,
              "search_interval": [0.33, 0.45], "search_values": 8, "search_new_values": 8, "stopped": "budget",
-             "band_interval": [0.10, 0.50]},
+             "band_interval": [0.10, 0.50], "search_band_interval": [0.20, 0.60]},
             {"truth": 0.50, "grid": 0.52, "grid_interval": [0.45, 0.60], "grid_step": 0.10, "search": 0.50,
              "search_interval": [0.46, 0.55], "search_values": 6, "search_new_values": 6, "stopped": "converged",
-             "band_interval": [0.51, 0.70]}]
+             "band_interval": [0.51, 0.70], "search_band_interval": [0.40, float("inf")]}]
     s = summarize(rows)
     assert s["crossed"] == 2 and s["search_within_one_grid_step"] == 0.5  # |0.40-0.32| > 0.05, |0.50-0.52| <= 0.1
-    assert s["coverage"] == {"search": 0.5, "grid": 1.0, "band": 0.5}
-    assert s["truth_below_interval"] == {"search": 0.5, "grid": 0.0, "band": 0.5}
+    assert s["coverage"] == {"search": 0.5, "grid": 1.0, "band": 0.5, "search_band": 1.0}
+    assert s["truth_below_interval"] == {"search": 0.5, "grid": 0.0, "band": 0.5, "search_band": 0.0}
     assert s["median_error"]["search"] == pytest.approx(0.05) and s["median_error"]["grid"] == pytest.approx(0.02)
     assert s["mean_signed_error"]["search"] == pytest.approx(0.05)
     assert s["median_interval_width"]["grid"] == pytest.approx(0.125)
     assert s["median_interval_width"]["band"] == pytest.approx(0.295)
+    assert s["median_interval_width"]["search_band"] == float("inf")  # an open band is infinitely wide
     assert s["search_values_mean"] == 7 and s["search_new_values_max"] == 8
     assert s["stopped"] == {"budget": 1, "converged": 1}
     assert summarize([]) == {"crossed": 0}
@@ -60,7 +61,7 @@ def test_calibration_separates_few_items_from_many():
     few = calibrate(30, 0.1, sweeps=20, iterations=300)
     assert few["crossed"] >= 18 and len(few["rows"]) == few["crossed"]
     assert few["coverage"]["search"] <= 0.7 and few["truth_below_interval"]["search"] >= 0.3
-    assert few["coverage"]["band"] >= 0.9
+    assert few["coverage"]["band"] >= 0.9 and few["coverage"]["search_band"] >= 0.9
     many = calibrate(1000, 0.02, sweeps=20, iterations=300)
     assert many["search_within_one_grid_step"] >= 0.9 and many["search_new_values_max"] <= 8
     assert many["coverage"]["band"] >= 0.85

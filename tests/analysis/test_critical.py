@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from common.analysis.critical import (bootstrap_indices, critical_sparsity, draw_counts, isotonic_crossing,
-                                      isotonic_fit, isotonic_interval, mcnemar_exact, perplexity_curves,
-                                      task_average_curves)
+from common.analysis.critical import (Z95, bootstrap_indices, critical_sparsity, draw_counts, isotonic_crossing,
+                                      isotonic_fit, isotonic_interval, mcnemar_exact, perplexity_band,
+                                      perplexity_curves, pointwise_band_interval, task_average_curves)
 from common.evaluation.sweep import perplexity
 
 
@@ -100,3 +100,32 @@ def test_mcnemar_exact_equals_the_binomial_sum():
         mcnemar_exact([0.5, 1], [1, 1])
     with pytest.raises(ValueError, match="same items"):
         mcnemar_exact([1, 0], [1, 0, 1])
+
+
+def test_pointwise_band_interval_by_hand():
+    # points out of order; sorted and shifted down by 1.96 se: [1.0, 0.99814, 0.96040, 0.88040], up: [1.0, 1.01186,
+    # 0.99960, 0.91960]
+    sparsity, scores, errors = [0.4, 0.0, 0.2, 0.6], [0.98, 1.0, 1.005, 0.9], [0.01, 0.0, 0.0035, 0.01]
+    low, high = pointwise_band_interval(sparsity, scores, errors, 0.99)
+    lower_a, lower_b = 1.005 - Z95 * 0.0035, 0.98 - Z95 * 0.01  # the last point clearing 0.99, the next one
+    assert low == pytest.approx(0.2 + (lower_a - 0.99) / (lower_a - lower_b) * 0.2)
+    upper_a, upper_b = 0.98 + Z95 * 0.01, 0.9 + Z95 * 0.01
+    assert high == pytest.approx(0.4 + (upper_a - 0.99) / (upper_a - upper_b) * 0.2)
+    assert pointwise_band_interval([0.0, 0.5], [1.0, 0.99], [0.0, 0.01], 0.99)[1] == math.inf  # open above
+
+
+def test_perplexity_band_shifts_the_ratio_by_its_resampled_deviation():
+    rng = np.random.default_rng(2)
+    words = rng.integers(5, 40, 30)
+    dense = -rng.random(30) * words * 3
+    sparsity = np.array([0.1, 0.2, 0.3, 0.4])
+    sparse = dense - np.outer(sparsity ** 2, words) * 0.2 * rng.uniform(0.5, 1.5, (4, 30))
+    indices = bootstrap_indices(30, 400, seed=1)
+    ratio = perplexity_curves(sparse, dense, words)
+    spread = np.array([np.std([perplexity_curves(sparse, dense, words, indices[i:i + 1])[0, p] for i in range(400)],
+                              ddof=1) for p in range(4)])
+    threshold = float(ratio[1] - 0.3 * (ratio[1] - ratio[2]))  # a crossing between the second and third point
+    expected = pointwise_band_interval(sparsity, ratio, spread, threshold)
+    assert perplexity_band(sparsity, sparse, dense, words, indices, threshold) == pytest.approx(expected)
+    low, high = expected
+    assert low < isotonic_crossing(sparsity, ratio, threshold)[0] < high

@@ -117,17 +117,22 @@ def test_report_tables_print_the_orderings_and_search_against_grid(tmp_path):
     iso = summary["critical"][0]["task_average_curve"]["isotonic"]
     ppl = next(v for k, v in summary["critical"][0].items() if k.startswith("ppl_"))["isotonic"]
     search = {"site": "input", "crossing": iso["crossing"] + 0.01, "interval": iso["interval"], "values_evaluated": 3,
-              "ppl": {"fables_ppl": {**ppl, "values_evaluated": 4}}}
+              "band": [0.1, None], "ppl": {"fables_ppl": {**ppl, "values_evaluated": 4}}}
     (tmp_path / "search.json").write_text(json.dumps([search]))
     script = Path(__file__).resolve().parents[2] / "scripts" / "report_tables.py"
     tables = subprocess.run([sys.executable, str(script), str(store.root)], capture_output=True, text=True, check=True)
     assert "| input vs intermediate | choice_kl |" in tables.stdout and "→ intermediate" in tables.stdout
     band = iso["band"]  # the band interval beside the bootstrap one, as critical.json holds it
     assert band[0] <= band[1] and f"| [{band[0]:.3f}, {band[1]:.3f}] |" in tables.stdout
+    ppl_band = ppl["band"]  # the perplexity criterion's band: its ratio's resampled deviation
+    assert ppl_band[0] <= ppl["crossing"] <= ppl_band[1]
+    assert f"band [{ppl_band[0]:.3f}, {ppl_band[1]:.3f}] |" in tables.stdout
+    assert f"(the first {ITEMS} items of each task)" in tables.stdout
     versus = subprocess.run([sys.executable, str(script), "--search-vs-grid", str(tmp_path), str(store.root)],
                             capture_output=True, text=True, check=True)
     line = next(l for l in versus.stdout.splitlines() if l.startswith("| input |"))
     assert "+0.010" in line and f"| {len(GRID)} / 3 |" in line and line.rstrip().endswith("| 4 |")
+    assert ", band [0.100, open) |" in line  # an open band (stored as null) beside the search's interval
 
 
 def _model_study(tmp_path, name, keep, drift):

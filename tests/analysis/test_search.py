@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from common.analysis.critical import isotonic_crossing, task_average_curves
+from common.analysis.item_planner import task_average_band
 from common.analysis.search import check_search_settings, noise_aware_search
 from common.analysis.synthetic import SyntheticSweep, sparsity_of
 
@@ -140,3 +141,31 @@ def test_bad_search_settings_are_refused_in_one_line(settings, message):
         if "ppl_percent" in settings:
             raise ValueError("--ppl-percent")
         _search(Constant(1.0), **{k: v for k, v in arguments.items() if k != "ppl_percent"})
+
+
+def test_the_band_is_reported_and_a_wide_band_keeps_the_search_going():
+    """A search given a band records it on its own points, and converges only once the band is as
+    narrow as the width too: a bootstrap interval narrower than the band cannot end it alone."""
+    outcomes = {}
+    for seed in (2, 4):
+        sweep = SyntheticSweep(items=1000, noise=0.02, seed=seed, centre=0.5)
+        plain = _search(sweep, iterations=200, width=0.05, budget=8)
+        sweep = SyntheticSweep(items=1000, noise=0.02, seed=seed, centre=0.5)
+        banded = _search(sweep, iterations=200, width=0.05, budget=8,
+                         band=lambda sparsity, items: task_average_band(sparsity, items, sweep.dense))
+        assert plain["band"] is None and banded["history"][-1]["band"] == banded["band"]
+        ordered = sorted(banded["points"], key=lambda p: p["sparsity"])
+        by_hand = task_average_band([p["sparsity"] for p in ordered],
+                                    [np.stack([sweep.items(p["value"])[t] for p in ordered]) for t in range(4)],
+                                    sweep.dense)
+        assert banded["band"] == pytest.approx(list(by_hand))
+        low, high = banded["band"]
+        assert low <= banded["crossing"] <= high
+        converged = banded["stopped"] == "converged"
+        assert converged == (high - low <= 0.05) and (converged or banded["new_values"] == 8)
+        outcomes[seed] = (plain["stopped"], plain["new_values"], banded["stopped"], banded["new_values"])
+    # seed 2: the bootstrap interval (0.045 wide) alone ends the plain search at 6 values; the band is 0.107 wide
+    assert outcomes == {2: ("converged", 6, "budget", 8), 4: ("converged", 6, "converged", 6)}
+    sweep = SyntheticSweep(items=1000, noise=0.02, seed=4, centre=0.5)
+    wide = _search(sweep, iterations=200, width=0.05, budget=8, band=lambda sparsity, items: (0.0, 1.0))
+    assert (wide["stopped"], wide["new_values"], wide["band"]) == ("budget", 8, [0.0, 1.0])

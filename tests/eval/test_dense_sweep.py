@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common.analysis.critical import bootstrap_critical, critical_sparsity, paired_bootstrap_ratio
+from common.cli.sweep import band_text
 from common.evaluation.bridge import SparseHFLM
 from common.evaluation.store import ResultStore, parse_shard
 from common.evaluation.sweep import SweepRunner, SweepSpec, evaluate_task
@@ -144,7 +145,9 @@ def _check_stop(found: dict, width: float, budget: int) -> None:
     values = [p["value"] for p in found["points"]]
     reasons = {
         "converged": lambda: (found["interval"][1] - found["interval"][0] <= width
-                              and found["bracket"][1] - found["bracket"][0] <= width),
+                              and found["bracket"][1] - found["bracket"][0] <= width
+                              and (found.get("band") is None or (found["band"][1] is not None
+                                                                 and found["band"][1] - found["band"][0] <= width))),
         "budget": lambda: found["new_values"] == budget,
         "all_above": lambda: found["status"] == "all_above" and 0.0 in values,
         "never_reached": lambda: found["status"] == "never_reached" and 1.0 in values,
@@ -289,7 +292,9 @@ def test_dense_sweep_script_end_to_end_and_resume(tmp_path):
     [search] = json.loads((out / "search.json").read_text())
     for label, found in [("input: search", search), ("PPL-1% on fables_ppl", search["ppl"]["fables_ppl"])]:
         low, high = found["interval"]
-        assert (f"{label}: crossing={found['crossing']:.3f} [{low:.3f}, {high:.3f}] ({found['status']}), "
+        assert found["band"][0] <= found["crossing"]  # the band on the search's own points, printed after the interval
+        assert (f"{label}: crossing={found['crossing']:.3f} [{low:.3f}, {high:.3f}] {band_text(found['band'])} "
+                f"({found['status']}), "
                 f"stopped: {found['stopped']} after {found['values_evaluated']} values") in searched.stdout
         _check_stop(found, 0.5, 5)
     summary = json.loads((out / "critical.json").read_text())
