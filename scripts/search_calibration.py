@@ -2,12 +2,13 @@
 
     python scripts/search_calibration.py                         # the report's table (a few minutes)
     python scripts/search_calibration.py --items 30 300 --noise 0.1 --sweeps 20
+    python scripts/search_calibration.py --items 200 --scale 0.06 0.15   # slower-falling curves
 
-Per setting (items per task x noise): how often the search lands within one paper-grid step of
-the full grid's isotonic crossing, median errors against the true crossing, and how often the
-search's and the grid's 95% bootstrap intervals and the band intervals (on the grid's points and
-on the search's) cover the truth. The JSON (summaries and every sweep) is written atomically to
---output.
+Per setting (break-point scale x items per task x noise): how often the search lands within one
+paper-grid step of the full grid's isotonic crossing, how often a replicate grid (the same items,
+fresh chance guesses) does, median errors against the true crossing, and how often the search's
+and the grid's 95% bootstrap intervals and the band intervals (on the grid's points and on the
+search's) cover the truth. The JSON (summaries and every sweep) is written atomically to --output.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.analysis.calibration import calibrate, check_calibration_settings, markdown_table
+from common.analysis.calibration import SCALE, calibrate, check_calibration_settings, markdown_table
 from common.analysis.search import DEFAULT_BUDGET
 from common.evaluation.store import atomic_write_json
 
@@ -26,21 +27,24 @@ def main() -> None:
     parser.add_argument("--items", type=int, nargs="+", default=[30, 100, 300, 1000], help="items per task (4 tasks)")
     parser.add_argument("--noise", type=float, nargs="+", default=[0.02, 0.1],
                         help="chance-guess rate per unit of sparsity (what makes sample curves non-monotone)")
+    parser.add_argument("--scale", type=float, nargs="+", default=[SCALE],
+                        help="the break points' logistic scale: larger falls more slowly through the threshold")
     parser.add_argument("--sweeps", type=int, default=100, help="seeded sweeps per setting")
     parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="the search's new values per sweep")
     parser.add_argument("--iterations", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--output", type=Path, default=Path("results/search_calibration/calibration.json"))
     args = parser.parse_args()
     try:
-        check_calibration_settings(args.items, args.noise, args.sweeps, args.budget, args.iterations)
+        check_calibration_settings(args.items, args.noise, args.sweeps, args.budget, args.iterations, args.scale)
     except ValueError as error:
         parser.error(str(error))
     summaries = []
-    for items in args.items:
-        for noise in args.noise:
-            summaries.append(calibrate(items, noise, args.sweeps, budget=args.budget, iterations=args.iterations,
-                                       verbose=True))
-            atomic_write_json(args.output, summaries)
+    for scale in args.scale:
+        for items in args.items:
+            for noise in args.noise:
+                summaries.append(calibrate(items, noise, args.sweeps, budget=args.budget, iterations=args.iterations,
+                                           scale=scale, verbose=True))
+                atomic_write_json(args.output, summaries)
     print(markdown_table(summaries))
     print(f"\nwritten: {args.output}")
 

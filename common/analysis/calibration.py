@@ -4,12 +4,15 @@ whose crossing is known (``common.analysis.synthetic``).
 Per seeded sweep: the full paper grid read as the report reads it (isotonic crossing of the
 task-average curve, paired-bootstrap interval), the noise-aware search (at most ``budget`` new
 values, snapped to the grid where a gap holds a grid value, as in a real sweep), the item
-planner's pointwise-band interval on the grid (``common.analysis.item_planner``: where the curve
-shifted down and up by 1.96 standard errors crosses) and the true crossing of the expected curve. Per setting (items per task, noise), the summary says how often
-the search lands within one grid step of the grid (the study's target), how far each lands from
-the truth, and how often each 95% interval covers the truth: an honest 95% interval covers it in
-about 95 of 100 sweeps, so coverage well below that means the interval is too narrow for that
-item count.
+planner's pointwise-band interval on the grid's points and on the search's
+(``common.analysis.item_planner``: where the curve shifted down and up by 1.96 standard errors
+crosses), a replicate grid (the same items, the chance guesses drawn afresh, as other rounding
+gives a real sweep) and the true crossing of the expected curve. Per setting (break-point scale,
+items per task, noise), the summary says how often the search lands within one grid step of the
+grid (the study's target), how often the replicate does (what the target can ask of any
+reading), how far each lands from the truth, and how often each 95% interval covers the truth:
+an honest 95% interval covers it in about 95 of 100 sweeps, so coverage well below that means the
+interval is too narrow for that item count.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from common.analysis.synthetic import SyntheticSweep, sparsity_of
 from common.evaluation.sweep import PAPER_DENSE_GRID
 
 CENTRES = (0.35, 0.8)  # each sweep's break-point centre is drawn uniformly from this range
+SCALE = 0.06  # the break points' logistic scale (SyntheticSweep's default)
 # the search's and the grid's bootstrap intervals, the planner's band on the grid, the band on the search's points
 INTERVALS = ("search", "grid", "band", "search_band")
 
@@ -40,48 +44,59 @@ def grid_step_at(grid_sparsity: Sequence[float], at: float) -> float:
     return float(s[i + 1] - s[i])
 
 
+def grid_curve(sweep: SyntheticSweep, grid: Sequence[float]) -> tuple[list[float], list[np.ndarray], np.ndarray]:
+    """(measured sparsity, items stacked per task, task-average normalized score) at every grid value."""
+    results = [sweep.items(v) for v in grid]
+    stacked = [np.stack([r[t] for r in results]) for t in range(len(sweep.dense))]
+    return [sparsity_of(v) for v in grid], stacked, task_average_curves(stacked, sweep.dense)
+
+
 def calibrate_sweep(sweep: SyntheticSweep, grid: Sequence[float], threshold: float = 0.99,
                     width: float = DEFAULT_WIDTH, budget: int = DEFAULT_BUDGET, iterations: int = 1000,
                     seed: int = 0) -> dict | None:
-    """Grid reading, search and truth of one sweep; None where the grid's curve does not cross."""
-    tasks = len(sweep.dense)
-    sparsity = [sparsity_of(v) for v in grid]
-    results = [sweep.items(v) for v in grid]
-    stacked = [np.stack([r[t] for r in results]) for t in range(tasks)]
-    grid_crossing, status = isotonic_crossing(sparsity, task_average_curves(stacked, sweep.dense), threshold)
-    if status != "crossed":
+    """Grid reading, its replicate, search and truth of one sweep; None where the grid's curve does
+    not cross or the expected curve starts below the threshold. ``grid_replicate`` is NaN where the
+    replicate's curve does not cross."""
+    truth = sweep.true_crossing(threshold)
+    sparsity, stacked, curve = grid_curve(sweep, grid)
+    grid_crossing, status = isotonic_crossing(sparsity, curve, threshold)
+    if status != "crossed" or math.isnan(truth):
         return None
     indices = [bootstrap_indices(d.size, iterations, seed + t) for t, d in enumerate(sweep.dense)]
     grid_interval = isotonic_interval(sparsity, task_average_curves(stacked, sweep.dense, indices), threshold)
     band = list(task_average_band(sparsity, stacked, sweep.dense, threshold))
+    replicate_sparsity, _, replicate_curve = grid_curve(sweep.replica(), grid)
+    replicate, replicate_status = isotonic_crossing(replicate_sparsity, replicate_curve, threshold)
     search = noise_aware_search(sweep.evaluate, lambda items, ix: task_average_curves(items, sweep.dense, ix),
                                 threshold, width, budget, candidates=grid, iterations=iterations, seed=seed,
                                 band=lambda s, items: task_average_band(s, items, sweep.dense, threshold))
-    return {"truth": sweep.true_crossing(threshold), "grid": grid_crossing, "grid_interval": list(grid_interval),
-            "grid_step": grid_step_at(sparsity, grid_crossing), "band_interval": band, "search": search["crossing"],
+    return {"truth": truth, "grid": grid_crossing, "grid_interval": list(grid_interval),
+            "grid_step": grid_step_at(sparsity, grid_crossing), "band_interval": band,
+            "grid_replicate": replicate if replicate_status == "crossed" else math.nan, "search": search["crossing"],
             "search_interval": search["interval"], "search_band_interval": search["band"],
-            "search_values": search["values_evaluated"],
-            "search_new_values": search["new_values"], "stopped": search["stopped"]}
+            "search_values": search["values_evaluated"], "search_new_values": search["new_values"],
+            "stopped": search["stopped"]}
 
 
 def calibrate(items: int, noise: float, sweeps: int = 100, tasks: int = 4, threshold: float = 0.99,
               width: float = DEFAULT_WIDTH, budget: int = DEFAULT_BUDGET, iterations: int = 1000,
-              grid: Sequence[float] = PAPER_DENSE_GRID, verbose: bool = False) -> dict:
+              grid: Sequence[float] = PAPER_DENSE_GRID, scale: float = SCALE, verbose: bool = False) -> dict:
     """Summary (and per-sweep rows) of ``sweeps`` seeded synthetic sweeps of ``tasks`` tasks with
-    ``items`` items each and ``noise`` (``SyntheticSweep``)."""
+    ``items`` items each, ``noise`` and break-point ``scale`` (``SyntheticSweep``; a larger scale
+    makes the curve fall more slowly, so more of it lies near the threshold)."""
     rows = []
     for seed in tqdm(range(sweeps), desc=f"{items} items, noise {noise:g}", unit="sweep", disable=not verbose):
         centre = float(np.random.default_rng(1000 + seed).uniform(*CENTRES))
-        sweep = SyntheticSweep(tasks=tasks, items=items, noise=noise, centre=centre, seed=seed)
+        sweep = SyntheticSweep(tasks=tasks, items=items, noise=noise, centre=centre, scale=scale, seed=seed)
         row = calibrate_sweep(sweep, grid, threshold, width, budget, iterations, seed)
         if row is not None:
             rows.append({"seed": seed, "centre": centre, **row})
-    return {"items": items, "noise": noise, "tasks": tasks, "sweeps": sweeps, "budget": budget, "width": width,
-            "iterations": iterations, **summarize(rows), "rows": rows}
+    return {"items": items, "noise": noise, "scale": scale, "tasks": tasks, "sweeps": sweeps, "budget": budget,
+            "width": width, "iterations": iterations, **summarize(rows), "rows": rows}
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Rates and medians over the sweeps whose grid curve crossed."""
+    """Rates and medians over the sweeps whose grid curve crossed (and whose expected curve did)."""
     if not rows:
         return {"crossed": 0}
 
@@ -94,6 +109,8 @@ def summarize(rows: list[dict]) -> dict:
     return {
         "crossed": len(rows),
         "search_within_one_grid_step": rate(abs(r["search"] - r["grid"]) <= r["grid_step"] for r in rows),
+        # NaN (the replicate's curve did not cross) counts as not within
+        "replicate_within_one_grid_step": rate(abs(r["grid_replicate"] - r["grid"]) <= r["grid_step"] for r in rows),
         "search_values_mean": float(np.mean([r["search_values"] for r in rows])),
         "search_new_values_max": int(max(r["search_new_values"] for r in rows)),
         "stopped": dict(Counter(r["stopped"] for r in rows)),
@@ -109,29 +126,36 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def markdown_table(summaries: list[dict]) -> str:
-    """One row per setting: the target rate, errors against the truth, interval coverage and width."""
-    lines = ["| items per task | noise | sweeps | search within one grid step of the grid | values (mean) | "
-             "median error: search / grid | 95% interval covers the truth: search / grid / grid band / search band | "
+    """One row per setting: the target rate beside the grid's own reproducibility, errors against
+    the truth, interval coverage and width."""
+    lines = ["| items per task | noise | scale | sweeps | search within one grid step of the grid | "
+             "replicate grid within one grid step of the grid | values (mean) | median error: search / grid | "
+             "95% interval covers the truth: search / grid / grid band / search band | "
              "truth below the interval: search / grid / grid band / search band | "
              "median interval width: search / grid / grid band / search band |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
+        setting = f"| {s['items']} | {s['noise']:g} | {s.get('scale', SCALE):g} |"
         if not s.get("crossed"):
-            lines.append(f"| {s['items']} | {s['noise']:g} | 0 | - | - | - | - | - | - |")
+            lines.append(f"{setting} 0 | - | - | - | - | - | - | - |")
             continue
 
         def pair(key, fmt="{:.3f}"):
             return " / ".join(fmt.format(s[key][k]) for k in INTERVALS if k in s[key])
 
-        lines.append(f"| {s['items']} | {s['noise']:g} | {s['crossed']} | {s['search_within_one_grid_step']:.0%} | "
-                     f"{s['search_values_mean']:.1f} | {pair('median_error')} | {pair('coverage', '{:.0%}')} | "
+        lines.append(f"{setting} {s['crossed']} | {s['search_within_one_grid_step']:.0%} | "
+                     f"{s['replicate_within_one_grid_step']:.0%} | {s['search_values_mean']:.1f} | "
+                     f"{pair('median_error')} | {pair('coverage', '{:.0%}')} | "
                      f"{pair('truth_below_interval', '{:.0%}')} | {pair('median_interval_width')} |")
     return "\n".join(lines)
 
 
 def check_calibration_settings(items: Sequence[int], noise: Sequence[float], sweeps: int,
-                               budget: int = DEFAULT_BUDGET, iterations: int = 1000) -> None:
+                               budget: int = DEFAULT_BUDGET, iterations: int = 1000,
+                               scales: Sequence[float] = (SCALE,)) -> None:
     """One-line errors before any sweep runs."""
+    if not scales or any(not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0) for x in scales):
+        raise ValueError(f"--scale must be positive numbers (the break points' logistic scale), got {list(scales)}")
     check_search_settings(0.99, DEFAULT_WIDTH, budget)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 100:
         raise ValueError(f"--iterations (bootstrap resamples) must be a whole number >= 100, got {iterations}")

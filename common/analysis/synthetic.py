@@ -8,6 +8,9 @@ besides, at sparsity s each item's outcome is replaced with probability ``noise 
 chance guess (``chance``), drawn afresh for every rule value, which makes sample curves
 non-monotone. The rule value maps to measured sparsity as ``0.95 (1 - value) ** 0.35`` (top-p
 like: fast near 1). The expected normalized score has a closed form, so its crossing is known.
+A ``replicate`` other than 0 keeps the items (dense answers and break points) and draws the
+chance guesses afresh: the same sweep measured again with other rounding, as a second device or
+precision does to a real one.
 """
 
 from __future__ import annotations
@@ -25,19 +28,25 @@ def sparsity_of(value: float) -> float:
 
 class SyntheticSweep:
     def __init__(self, tasks: int = 4, items: int = 30, accuracy: float = 0.5, centre: float = 0.6,
-                 scale: float = 0.06, noise: float = 0.1, chance: float = 0.25, seed: int = 0):
+                 scale: float = 0.06, noise: float = 0.1, chance: float = 0.25, seed: int = 0, replicate: int = 0):
         rng = np.random.default_rng(seed)
-        self.accuracy, self.centre, self.scale, self.noise, self.chance, self.seed = (
-            accuracy, centre, scale, noise, chance, seed)
+        self.accuracy, self.centre, self.scale, self.noise, self.chance, self.seed, self.replicate = (
+            accuracy, centre, scale, noise, chance, seed, replicate)
         self.dense = [(rng.random(items) < accuracy).astype(float) for _ in range(tasks)]
         for d in self.dense:
             d[0] = 1.0  # a dense score above 0
         self.breaks = [np.maximum(rng.logistic(centre, scale, items), 0.01) for _ in range(tasks)]
         self.calls: list[float] = []
 
+    def replica(self) -> "SyntheticSweep":
+        """The same items with the next replicate's chance guesses."""
+        return SyntheticSweep(len(self.dense), self.dense[0].size, self.accuracy, self.centre, self.scale, self.noise,
+                              self.chance, self.seed, self.replicate + 1)
+
     def items(self, value: float) -> list[np.ndarray]:
         s = sparsity_of(value)
-        rng = np.random.default_rng([self.seed, zlib.crc32(f"{value:.6f}".encode())])
+        stream = [self.seed, zlib.crc32(f"{value:.6f}".encode())] + ([self.replicate] if self.replicate else [])
+        rng = np.random.default_rng(stream)
         out = []
         for dense, breaks in zip(self.dense, self.breaks):
             kept = dense * (breaks > s)
@@ -56,4 +65,8 @@ class SyntheticSweep:
         return (1 - r) * survive + r * self.chance / self.accuracy
 
     def true_crossing(self, threshold: float = 0.99) -> float:
+        """Where the expected curve crosses ``threshold``; NaN where it starts below it (a wide
+        ``scale`` against a small ``centre`` breaks items already near dense)."""
+        if self.expected(0.0) < threshold:
+            return math.nan
         return brentq(lambda s: self.expected(s) - threshold, 0.0, 0.95)

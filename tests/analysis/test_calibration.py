@@ -1,5 +1,7 @@
 """The search's calibration on synthetic sweeps: the readings it compares and the rates it reports."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -35,12 +37,14 @@ def test_one_sweep_compares_the_grid_reading_the_search_and_the_truth():
 def test_summary_rates_match_a_hand_count():
     rows = [{"truth": 0.30, "grid": 0.32, "grid_interval": [0.25, 0.35], "grid_step": 0.05, "search": 0.40,
              "search_interval": [0.33, 0.45], "search_values": 8, "search_new_values": 8, "stopped": "budget",
-             "band_interval": [0.10, 0.50], "search_band_interval": [0.20, 0.60]},
+             "band_interval": [0.10, 0.50], "search_band_interval": [0.20, 0.60], "grid_replicate": 0.36},
             {"truth": 0.50, "grid": 0.52, "grid_interval": [0.45, 0.60], "grid_step": 0.10, "search": 0.50,
              "search_interval": [0.46, 0.55], "search_values": 6, "search_new_values": 6, "stopped": "converged",
-             "band_interval": [0.51, 0.70], "search_band_interval": [0.40, float("inf")]}]
+             "band_interval": [0.51, 0.70], "search_band_interval": [0.40, float("inf")],
+             "grid_replicate": float("nan")}]
     s = summarize(rows)
     assert s["crossed"] == 2 and s["search_within_one_grid_step"] == 0.5  # |0.40-0.32| > 0.05, |0.50-0.52| <= 0.1
+    assert s["replicate_within_one_grid_step"] == 0.5  # |0.36-0.32| <= 0.05; a replicate that never crossed misses
     assert s["coverage"] == {"search": 0.5, "grid": 1.0, "band": 0.5, "search_band": 1.0}
     assert s["truth_below_interval"] == {"search": 0.5, "grid": 0.0, "band": 0.5, "search_band": 0.0}
     assert s["median_error"]["search"] == pytest.approx(0.05) and s["median_error"]["grid"] == pytest.approx(0.02)
@@ -67,7 +71,7 @@ def test_calibration_separates_few_items_from_many():
     assert many["coverage"]["band"] >= 0.85
     assert many["median_interval_width"]["search"] < few["median_interval_width"]["search"]
     table = markdown_table([many, {"items": 5, "noise": 0.1, "crossed": 0}])
-    assert table.count("\n") == 3 and "| 1000 | 0.02 |" in table and "| 5 | 0.1 | 0 |" in table
+    assert table.count("\n") == 3 and "| 1000 | 0.02 | 0.06 | 20 |" in table and "| 5 | 0.1 | 0.06 | 0 |" in table
 
 
 @pytest.mark.parametrize("items, noise, sweeps, message", [
@@ -79,7 +83,29 @@ def test_bad_calibration_settings_are_refused_in_one_line(items, noise, sweeps, 
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("budget, iterations, message", [(1, 1000, "--budget"), (8, 50, "--iterations")])
-def test_bad_budget_or_resamples_are_refused(budget, iterations, message):
+@pytest.mark.parametrize("budget, iterations, scales, message", [
+    (1, 1000, [0.06], "--budget"), (8, 50, [0.06], "--iterations"), (8, 1000, [0.0], "--scale"),
+    (8, 1000, [], "--scale"), (8, 1000, [float("inf")], "--scale")])
+def test_bad_budget_resamples_or_scale_are_refused(budget, iterations, scales, message):
     with pytest.raises(ValueError, match=message):
-        check_calibration_settings([30], [0.1], 10, budget, iterations)
+        check_calibration_settings([30], [0.1], 10, budget, iterations, scales)
+
+
+def test_a_replicate_keeps_the_items_and_redraws_the_guesses():
+    """The replicate grid of a row: the same dense answers and break points, other chance guesses
+    (as another precision rounds a real sweep differently), read the same way as the grid."""
+    sweep = SyntheticSweep(items=200, noise=0.1, centre=0.7, scale=0.1, seed=5)
+    twin = sweep.replica()
+    assert twin.replicate == 1 and all((a == b).all() for a, b in zip(sweep.dense, twin.dense))
+    assert all((a == b).all() for a, b in zip(sweep.breaks, twin.breaks))
+    assert any((a != b).any() for a, b in zip(sweep.items(0.5), twin.items(0.5)))
+    assert all((a == b).all() for a, b in zip(sweep.items(0.5), SyntheticSweep(
+        items=200, noise=0.1, centre=0.7, scale=0.1, seed=5).items(0.5)))  # replicate 0: the original draws
+    row = calibrate_sweep(sweep, PAPER_DENSE_GRID, iterations=100, seed=5)
+    results = [twin.items(v) for v in PAPER_DENSE_GRID]
+    curve = task_average_curves([np.stack([r[t] for r in results]) for t in range(4)], twin.dense)
+    expected, status = isotonic_crossing([sparsity_of(v) for v in PAPER_DENSE_GRID], curve)
+    assert status == "crossed" and row["grid_replicate"] == pytest.approx(expected)
+    assert row["grid_replicate"] != row["grid"]
+    assert math.isnan(SyntheticSweep(centre=0.4, scale=0.1).true_crossing())  # starts below 0.99: no truth
+    assert calibrate_sweep(SyntheticSweep(items=200, centre=0.4, scale=0.1), PAPER_DENSE_GRID, iterations=100) is None
