@@ -156,7 +156,9 @@ def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
               f"| {reading(search)} | {search['crossing'] - isotonic['crossing']:+.3f} "
               f"| {grid_values} / {search['values_evaluated']} | {ppl_cells} "
               f"| {ppl_search['values_evaluated'] if ppl_search else '-'} |")
-    print(f"\nAn accuracy value costs {len(scoring)} scoring tasks + the perplexity task; a PPL-only value one cell.\n")
+    perplexity = [t for t in summary["spec"]["tasks"] if t in PERPLEXITY_TASKS]
+    print(f"\nAn accuracy value costs {len(scoring)} scoring task cells"
+          + (f" + {len(perplexity)} perplexity task cell(s); a PPL-only value one cell.\n" if perplexity else ".\n"))
 
 
 def item_estimate(folder: Path, target_halfwidth: float) -> None:
