@@ -23,7 +23,8 @@ def _fmt(value) -> str:
 
 def _band(band) -> str:
     """[low, high]; an open band (upper end beyond the sparsest point, null in JSON) is [low, open)."""
-    return f"[{_fmt(band[0])}, open)" if band[1] is None or band[1] == math.inf else f"[{_fmt(band[0])}, {_fmt(band[1])}]"
+    high = "open)" if band[1] is None or band[1] == math.inf else f"{_fmt(band[1])}]"
+    return f"[{_fmt(band[0])}, {high}"
 
 
 def dense_tables(folder: Path) -> None:

@@ -40,6 +40,7 @@ import numpy as np
 from common.analysis.critical import Z95, band_crossings, fitted_crossing, pointwise_band_interval
 from common.evaluation.sweep import DENSE  # the dense baseline, named as in the store's cells
 
+
 @dataclass(frozen=True)
 class ItemRequest:
     """Score items [start, stop) of ``task`` at ``threshold`` (a rule value, or ``DENSE``)."""

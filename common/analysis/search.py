@@ -17,10 +17,10 @@ until the interval, the gap around the crossing and, where the caller gives one,
 interval (the curve shifted down and up by 1.96 standard errors at every point,
 ``common.analysis.critical.band_crossings``) are all narrower than ``width`` (in measured
 sparsity), or ``budget`` new values are spent. The band is the honest reading where few items
-have changed: there the bootstrap interval is too narrow (``scripts/search_calibration.py``), and a
-search that stopped on it alone would call a noisy crossing converged. The PPL-p% criterion runs the same
-search on the perplexity ratio (documents resampled), starting from the values the accuracy
-search evaluated (their perplexity cells exist already).
+have changed: there the bootstrap interval is too narrow (``scripts/search_calibration.py``),
+and a search that stopped on it alone would call a noisy crossing converged. The PPL-p%
+criterion runs the same search on the perplexity ratio (documents resampled), starting from the
+values the accuracy search evaluated (their perplexity cells exist already).
 
 ``stopped`` says why a search ended: ``converged`` (interval, gap and band narrower than the width),
 ``budget`` (the interval is the honest answer at this item count), ``never_reached`` (below the
@@ -226,7 +226,7 @@ def search_site(runner, site: str, threshold: float = 0.99, width: float = DEFAU
            **noise_aware_search(accuracy, lambda items, indices: task_average_curves(items, dense_items, indices),
                                 threshold, width, budget, candidates=spec.grid, iterations=iterations,
                                 label=f"search {site}", verbose=runner.verbose,
-                                band=lambda sparsity, items: task_average_band(sparsity, items, dense_items, threshold)),
+                                band=lambda points, items: task_average_band(points, items, dense_items, threshold)),
            "ppl": {}}
     searched = [point["value"] for point in out["points"]]
     for task in [t for t in spec.tasks if t in PERPLEXITY_TASKS]:
