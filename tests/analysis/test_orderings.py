@@ -128,6 +128,11 @@ def test_report_tables_print_the_orderings_and_search_against_grid(tmp_path):
     assert ppl_band[0] <= ppl["crossing"] <= ppl_band[1]
     assert f"band [{ppl_band[0]:.3f}, {ppl_band[1]:.3f}] |" in tables.stdout
     assert f"(the first {ITEMS} items of each task)" in tables.stdout
+    every = json.loads((store.root / "critical.json").read_text())
+    every["spec"]["limit"] = None  # --limit 0: every item (the key stores no limit)
+    (store.root / "critical.json").write_text(json.dumps(every))
+    tables = subprocess.run([sys.executable, str(script), str(store.root)], capture_output=True, text=True, check=True)
+    assert "(every item of each task)" in tables.stdout and "limit None" not in tables.stdout
     versus = subprocess.run([sys.executable, str(script), "--search-vs-grid", str(tmp_path), str(store.root)],
                             capture_output=True, text=True, check=True)
     line = next(l for l in versus.stdout.splitlines() if l.startswith("| input |"))
