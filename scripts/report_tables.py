@@ -14,17 +14,12 @@ import math
 import sys
 from pathlib import Path
 
+from common.analysis.critical import band_bounds
 from common.evaluation.tasks import PERPLEXITY_TASKS
 
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
-
-
-def _band(band) -> str:
-    """[low, high]; an open band (upper end beyond the sparsest point, null in JSON) is [low, open)."""
-    high = "open)" if band[1] is None or band[1] == math.inf else f"{_fmt(band[1])}]"
-    return f"[{_fmt(band[0])}, {high}"
 
 
 def dense_tables(folder: Path) -> None:
@@ -63,13 +58,13 @@ def dense_tables(folder: Path) -> None:
                                    f"to {stop['skipped_values'][-1]:g})" if stop and stop["skipped_values"] else "")
         crossing = "-" if "crossing" not in isotonic else (
             f"{isotonic['crossing']:.3f} [{_fmt(isotonic['interval'][0])}, {_fmt(isotonic['interval'][1])}]")
-        band = "-" if "band" not in isotonic else _band(isotonic["band"])
+        band = "-" if "band" not in isotonic else band_bounds(isotonic["band"])
         test = "-" if not pooled else (f"p={mcnemar['value']:g}: {pooled['dense_only_correct']} / "
                                        f"{pooled['sparse_only_correct']}, {pooled['p_value']:.3g}")
         ppl = next((v.get("isotonic") for k, v in entry.items() if k.startswith("ppl_")), None) or {}
         ppl_reading = "-" if "crossing" not in ppl else (
             f"{ppl['crossing']:.3f} [{_fmt(ppl['interval'][0])}, {_fmt(ppl['interval'][1])}]"
-            + (f", band {_band(ppl['band'])}" if "band" in ppl else ""))
+            + (f", band {band_bounds(ppl['band'])}" if "band" in ppl else ""))
         print(f"| {entry['site']} | {crossing} | {band} | {test} | {values} | {ppl_reading} |")
     overhead = summary.get("overhead", {})
     if overhead:
@@ -146,7 +141,7 @@ def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
         ppl_search = next(iter(search.get("ppl", {}).values()), None)
 
         def reading(part):
-            band = f", band {_band(part['band'])}" if part.get("band") else ""
+            band = f", band {band_bounds(part['band'])}" if part.get("band") else ""
             return f"{part['crossing']:.3f} [{_fmt(part['interval'][0])}, {_fmt(part['interval'][1])}]{band}"
 
         ppl_cells = "- | - | -"

@@ -227,14 +227,19 @@ def pointwise_band_interval(sparsity, scores, standard_errors, threshold: float 
     return float(x_low), math.inf if high_status == "all_above" else float(x_high)
 
 
-def perplexity_band(sparsity, sparse_logliks, dense_logliks, words, indices, threshold: float) -> tuple[float, float]:
-    """The band interval of the PPL-p% criterion: the perplexity ratio's standard error at each
-    point is its standard deviation over paired document resamples (``indices``). Every document's
-    likelihood moves with sparsity, so no floor is needed (unlike accuracy, where no item may
-    have changed yet)."""
-    resampled = perplexity_curves(sparse_logliks, dense_logliks, words, indices)
-    return pointwise_band_interval(sparsity, perplexity_curves(sparse_logliks, dense_logliks, words),
-                                   resampled.std(axis=0, ddof=1), threshold)
+def band_bounds(band) -> str:
+    """``[low, high]`` for printing; an open band (upper end inf, stored as null in JSON) reads
+    ``[low, open)``."""
+    high = band[1]
+    return f"[{band[0]:.3f}, {high:.3f}]" if high is not None and high != math.inf else f"[{band[0]:.3f}, open)"
+
+
+def resampled_band(sparsity, curve, resampled, threshold: float) -> tuple[float, float]:
+    """The band interval of a continuous criterion (the PPL-p% ratio): the standard error at each
+    point is the curve's standard deviation over paired resamples (``resampled``, [resamples,
+    points]). Every document's likelihood moves with sparsity, so no floor is needed (unlike
+    accuracy, where no item may have changed yet)."""
+    return pointwise_band_interval(sparsity, curve, np.asarray(resampled, dtype=float).std(axis=0, ddof=1), threshold)
 
 
 # ---- is the critical point distinguishable from dense at all? ---------------------------------

@@ -18,7 +18,7 @@ import pandas as pd
 from common.analysis import figures as plots
 from common.analysis.critical import (bootstrap_critical, bootstrap_indices, critical_sparsity,
                                       isotonic_crossing, isotonic_interval, mcnemar_exact, paired_bootstrap_ratio,
-                                      perplexity_band, perplexity_curves, task_average_curves)
+                                      perplexity_curves, resampled_band, task_average_curves)
 from common.analysis.item_planner import task_average_band
 from common.analysis.orderings import choice_kl_items, site_orderings, values_every_task_has
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
@@ -159,10 +159,11 @@ def _perplexity_isotonic(store: ResultStore, spec: SweepSpec, site: str, task: s
     dense_logliks, words = [i["loglikelihood"] for i in dense], [i["words"] for i in dense]
     sparse = [[i["loglikelihood"] for i in store.get(spec.key(site, v, task))["items"]] for v in rows.value]
     sparsity = rows.measured_sparsity.to_numpy()
-    crossing, status = isotonic_crossing(sparsity, perplexity_curves(sparse, dense_logliks, words), threshold)
-    indices = bootstrap_indices(len(dense), iterations)
-    low, high = isotonic_interval(sparsity, perplexity_curves(sparse, dense_logliks, words, indices), threshold)
-    band = perplexity_band(sparsity, sparse, dense_logliks, words, indices, threshold)
+    curve = perplexity_curves(sparse, dense_logliks, words)
+    crossing, status = isotonic_crossing(sparsity, curve, threshold)
+    resampled = perplexity_curves(sparse, dense_logliks, words, bootstrap_indices(len(dense), iterations))
+    low, high = isotonic_interval(sparsity, resampled, threshold)
+    band = resampled_band(sparsity, curve, resampled, threshold)
     return {"crossing": crossing, "status": status, "interval": [low, high], "band": list(band)}
 
 

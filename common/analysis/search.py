@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.analysis.critical import (bootstrap_indices, critical_sparsity, fitted_crossing, isotonic_crossings,
-                                      isotonic_fit, perplexity_band, perplexity_curves, task_average_curves)
+                                      isotonic_fit, perplexity_curves, resampled_band, task_average_curves)
 from common.analysis.item_planner import task_average_band
 from common.evaluation.sweep import DENSE, measured_sparsity
 from common.evaluation.tasks import PERPLEXITY_TASKS
@@ -252,7 +252,7 @@ def _perplexity_search(runner, site: str, task: str, dense: dict, known: list[fl
     band_indices = bootstrap_indices(words.size, iterations, 0)
 
     def band(sparsity, items):
-        return perplexity_band(sparsity, items[0], dense_logliks, words, band_indices, threshold)
+        return resampled_band(sparsity, curves(items, None), curves(items, [band_indices]), threshold)
 
     return noise_aware_search(evaluate, curves, threshold, width, budget, coarse=(), known=known,
                               candidates=runner.spec.grid, iterations=iterations,

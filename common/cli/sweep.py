@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from common.analysis.critical import band_bounds
 from common.analysis.item_sweep import decided_orderings, run_item_planned
 from common.analysis.report import write_report
 from common.analysis.search import run_search, searched_values
@@ -81,7 +82,7 @@ def print_summary(summary: dict, ppl_percent: float) -> None:
             line += (f" isotonic={isotonic['crossing']:.3f} [{isotonic['interval'][0]:.3f}, "
                      f"{isotonic['interval'][1]:.3f}]")
             if "band" in isotonic:
-                line += f" {band_text(isotonic['band'])}"
+                line += f" band {band_bounds(isotonic['band'])}"
         if mcnemar:
             line += (f"; vs dense at p={entry['mcnemar']['value']:g}: McNemar p={mcnemar['p_value']:.3g} "
                      f"({mcnemar['dense_only_correct']} items lost, {mcnemar['sparse_only_correct']} gained)")
@@ -98,19 +99,11 @@ def print_summary(summary: dict, ppl_percent: float) -> None:
         found += [(f"{'':>12}  PPL-{ppl_percent:g}% on {task}", part) for task, part in search.get("ppl", {}).items()]
         for label, part in found:
             low, high = part["interval"]
-            band = f" {band_text(part['band'])}" if part.get("band") else ""
+            band = f" band {band_bounds(part['band'])}" if part.get("band") else ""
             print(f"{label}: crossing={part['crossing']:.3f} [{low:.3f}, {high:.3f}]{band} ({part['status']}), "
                   f"stopped: {part['stopped']} after {part['values_evaluated']} values "
                   f"({', '.join(f'{v:g}' for v in part['order'])})")
         print(f"{'':>12}  {search['cells_evaluated']} new cells")
-
-
-def band_text(band) -> str:
-    """``band [low, high]``; an open band (its upper end beyond the sparsest point: inf, stored as
-    null in JSON) reads ``band [low, open)``."""
-    high = band[1]
-    closed = high is not None and high != float("inf")
-    return f"band [{band[0]:.3f}, {high:.3f}]" if closed else f"band [{band[0]:.3f}, open)"
 
 
 def shard_file(stem: str, shard: tuple[int, int]) -> str:

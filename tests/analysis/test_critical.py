@@ -5,9 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from common.analysis.critical import (Z95, bootstrap_indices, critical_sparsity, draw_counts, isotonic_crossing,
-                                      isotonic_fit, isotonic_interval, mcnemar_exact, perplexity_band,
-                                      perplexity_curves, pointwise_band_interval, task_average_curves)
+from common.analysis.critical import (Z95, band_bounds, bootstrap_indices, critical_sparsity, draw_counts,
+                                      isotonic_crossing, isotonic_fit, isotonic_interval, mcnemar_exact,
+                                      perplexity_curves, pointwise_band_interval, resampled_band,
+                                      task_average_curves)
 from common.evaluation.sweep import perplexity
 
 
@@ -112,9 +113,11 @@ def test_pointwise_band_interval_by_hand():
     upper_a, upper_b = 0.98 + Z95 * 0.01, 0.9 + Z95 * 0.01
     assert high == pytest.approx(0.4 + (upper_a - 0.99) / (upper_a - upper_b) * 0.2)
     assert pointwise_band_interval([0.0, 0.5], [1.0, 0.99], [0.0, 0.01], 0.99)[1] == math.inf  # open above
+    assert band_bounds((low, high)) == f"[{low:.3f}, {high:.3f}]"
+    assert band_bounds([0.0, math.inf]) == band_bounds([0.0, None]) == "[0.000, open)"  # null: inf after JSON
 
 
-def test_perplexity_band_shifts_the_ratio_by_its_resampled_deviation():
+def test_resampled_band_shifts_the_perplexity_ratio_by_its_resampled_deviation():
     rng = np.random.default_rng(2)
     words = rng.integers(5, 40, 30)
     dense = -rng.random(30) * words * 3
@@ -126,6 +129,7 @@ def test_perplexity_band_shifts_the_ratio_by_its_resampled_deviation():
                               ddof=1) for p in range(4)])
     threshold = float(ratio[1] - 0.3 * (ratio[1] - ratio[2]))  # a crossing between the second and third point
     expected = pointwise_band_interval(sparsity, ratio, spread, threshold)
-    assert perplexity_band(sparsity, sparse, dense, words, indices, threshold) == pytest.approx(expected)
+    resampled = perplexity_curves(sparse, dense, words, indices)
+    assert resampled_band(sparsity, ratio, resampled, threshold) == pytest.approx(expected)
     low, high = expected
     assert low < isotonic_crossing(sparsity, ratio, threshold)[0] < high

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.analysis.critical import bootstrap_critical, critical_sparsity, paired_bootstrap_ratio
-from common.cli.sweep import band_text
+from common.analysis.critical import band_bounds, bootstrap_critical, critical_sparsity, paired_bootstrap_ratio
 from common.evaluation.bridge import SparseHFLM
 from common.evaluation.store import ResultStore, parse_shard
 from common.evaluation.sweep import SweepRunner, SweepSpec, evaluate_task
@@ -293,7 +292,7 @@ def test_dense_sweep_script_end_to_end_and_resume(tmp_path):
     for label, found in [("input: search", search), ("PPL-1% on fables_ppl", search["ppl"]["fables_ppl"])]:
         low, high = found["interval"]
         assert found["band"][0] <= found["crossing"]  # the band on the search's own points, printed after the interval
-        assert (f"{label}: crossing={found['crossing']:.3f} [{low:.3f}, {high:.3f}] {band_text(found['band'])} "
+        assert (f"{label}: crossing={found['crossing']:.3f} [{low:.3f}, {high:.3f}] band {band_bounds(found['band'])} "
                 f"({found['status']}), "
                 f"stopped: {found['stopped']} after {found['values_evaluated']} values") in searched.stdout
         _check_stop(found, 0.5, 5)
