@@ -2,12 +2,13 @@
 model (``common.analysis.calibration``).
 
 A task of ``items`` items: each item the dense model gets right (probability ``accuracy``)
-breaks at a sparsity drawn from a logistic distribution (centre ``centre``, scale ``scale``, at
-least 0.01);
-besides, at sparsity s each item's outcome is replaced with probability ``noise * s`` by a
-chance guess (``chance``), drawn afresh for every rule value, which makes sample curves
-non-monotone. The rule value maps to measured sparsity as ``0.95 (1 - value) ** 0.35`` (top-p
-like: fast near 1). The expected normalized score has a closed form, so its crossing is known.
+breaks at a sparsity drawn from a logistic distribution (centre ``centre``, scale ``scale``)
+folded at 0 (a draw below 0 counts as its absolute value), so the expected curve starts at 1 and
+falls continuously, without an atom of items that all break at one sparsity. Besides, at
+sparsity s each item's outcome is replaced with probability ``noise * s`` by a chance guess
+(``chance``), drawn afresh for every rule value, which makes sample curves non-monotone. The rule
+value maps to measured sparsity as ``0.95 (1 - value) ** 0.35`` (top-p like: fast near 1). The
+expected normalized score has a closed form, so its crossing is known.
 A ``replicate`` other than 0 keeps the items (dense answers and break points) and draws the
 chance guesses afresh: the same sweep measured again with other rounding, as a second device or
 precision does to a real one.
@@ -35,7 +36,7 @@ class SyntheticSweep:
         self.dense = [(rng.random(items) < accuracy).astype(float) for _ in range(tasks)]
         for d in self.dense:
             d[0] = 1.0  # a dense score above 0
-        self.breaks = [np.maximum(rng.logistic(centre, scale, items), 0.01) for _ in range(tasks)]
+        self.breaks = [np.abs(rng.logistic(centre, scale, items)) for _ in range(tasks)]
         self.calls: list[float] = []
 
     def replica(self) -> "SyntheticSweep":
@@ -59,14 +60,13 @@ class SyntheticSweep:
         return sparsity_of(value), self.items(value)
 
     def expected(self, s: float) -> float:
-        """Expected normalized score at sparsity s (population, not this sample)."""
-        survive = 1.0 / (1.0 + math.exp((s - self.centre) / self.scale))
+        """Expected normalized score at sparsity s (population, not this sample): a dense-correct
+        item survives while its folded break point |L| exceeds s, P(L > s) + P(L < -s)."""
+        survive = (1.0 / (1.0 + math.exp((s - self.centre) / self.scale))
+                   + 1.0 / (1.0 + math.exp((s + self.centre) / self.scale)))
         r = self.noise * s
         return (1 - r) * survive + r * self.chance / self.accuracy
 
     def true_crossing(self, threshold: float = 0.99) -> float:
-        """Where the expected curve crosses ``threshold``; NaN where it starts below it (a wide
-        ``scale`` against a small ``centre`` breaks items already near dense)."""
-        if self.expected(0.0) < threshold:
-            return math.nan
+        """Where the expected curve (1 at sparsity 0) crosses ``threshold``."""
         return brentq(lambda s: self.expected(s) - threshold, 0.0, 0.95)

@@ -1,7 +1,5 @@
 """The search's calibration on synthetic sweeps: the readings it compares and the rates it reports."""
 
-import math
-
 import numpy as np
 import pytest
 
@@ -32,6 +30,21 @@ def test_one_sweep_compares_the_grid_reading_the_search_and_the_truth():
     assert row["grid_interval"][0] <= row["grid"] <= row["grid_interval"][1]
     assert row["search_interval"][0] <= row["search"] <= row["search_interval"][1]
     assert row["search_new_values"] == len(sweep.calls) <= 8  # the grid was read without calling evaluate
+
+
+def test_the_expected_curve_is_the_mean_of_a_large_sample():
+    """The truth every rate is measured against: the closed-form expected curve against the
+    normalized score of 400,000 items, near sparsity 0 as well, where half the break points of
+    this wide distribution would lie below 0 without the fold."""
+    sweep = SyntheticSweep(tasks=1, items=400_000, accuracy=0.5, centre=0.05, scale=0.1, noise=0.1, seed=7)
+    assert sweep.expected(0.0) == 1.0 and all((b > 0).all() for b in sweep.breaks)
+    for target in (0.005, 0.05, 0.2, 0.5):
+        value = 1.0 - (target / 0.95) ** (1 / 0.35)
+        s, (items,) = sweep.evaluate(value)
+        assert s == pytest.approx(target)
+        assert items.sum() / sweep.dense[0].sum() == pytest.approx(sweep.expected(s), abs=0.005)
+    truth = sweep.true_crossing()
+    assert 0 < truth < 0.05 and sweep.expected(truth) == pytest.approx(0.99)
 
 
 def test_summary_rates_match_a_hand_count():
@@ -107,5 +120,3 @@ def test_a_replicate_keeps_the_items_and_redraws_the_guesses():
     expected, status = isotonic_crossing([sparsity_of(v) for v in PAPER_DENSE_GRID], curve)
     assert status == "crossed" and row["grid_replicate"] == pytest.approx(expected)
     assert row["grid_replicate"] != row["grid"]
-    assert math.isnan(SyntheticSweep(centre=0.4, scale=0.1).true_crossing())  # starts below 0.99: no truth
-    assert calibrate_sweep(SyntheticSweep(items=200, centre=0.4, scale=0.1), PAPER_DENSE_GRID, iterations=100) is None
