@@ -3,14 +3,15 @@ whose crossing is known (``common.analysis.synthetic``).
 
 Per seeded sweep: the full paper grid read as the report reads it (isotonic crossing of the
 task-average curve, paired-bootstrap interval), the noise-aware search (at most ``budget`` new
-values, snapped to the grid where a gap holds a grid value, as in a real sweep), the item
+values, snapped to the grid where a gap holds a grid value, as in a real sweep), plain bisection
+on the rule value (the baseline the search replaces: 9 values), the item
 planner's pointwise-band interval on the grid's points and on the search's
 (``common.analysis.item_planner``: where the curve shifted down and up by 1.96 standard errors
 crosses), a replicate grid (the same items, the chance guesses drawn afresh, as other rounding
 gives a real sweep) and the true crossing of the expected curve. Per setting (break-point scale,
 items per task, noise), the summary says how often the search lands within one grid step of the
-grid (the study's target), how often the replicate does (what the target can ask of any
-reading), how far each lands from the truth, and how often each 95% interval covers the truth:
+grid (the study's target), how often bisection and the replicate do (what the target can ask of
+any reading), how far each lands from the truth, and how often each 95% interval covers the truth:
 an honest 95% interval covers it in about 95 of 100 sweeps, so coverage well below that means the
 interval is too narrow for that item count.
 """
@@ -51,11 +52,40 @@ def grid_curve(sweep: SyntheticSweep, grid: Sequence[float]) -> tuple[list[float
     return [sparsity_of(v) for v in grid], stacked, task_average_curves(stacked, sweep.dense)
 
 
+BISECTION_RESOLUTION = 0.01  # in the rule value: the ends, then 7 halvings, 9 values in all
+
+
+def bisection_crossing(sweep: SyntheticSweep, threshold: float = 0.99,
+                       resolution: float = BISECTION_RESOLUTION) -> tuple[float, int]:
+    """(crossing, values evaluated) of plain bisection, the baseline the noise-aware search
+    replaces: the dense end (1.0) and the sparsest value (0.0), then halvings of the bracket of
+    rule values (a value whose task-average score is at least ``threshold`` becomes the bracket's
+    upper end) until it is ``resolution`` wide. Its points are read like the grid's (isotonic
+    crossing); NaN where the ends do not bracket the threshold. Reads ``sweep.items`` directly, so
+    the search's call count is untouched."""
+    scores: dict[float, float] = {}
+
+    def score(value: float) -> float:
+        if value not in scores:
+            items = sweep.items(value)
+            scores[value] = float(task_average_curves([i[None, :] for i in items], sweep.dense)[0])
+        return scores[value]
+
+    high, low = 1.0, 0.0
+    if score(high) < threshold or score(low) >= threshold:
+        return math.nan, len(scores)
+    while high - low > resolution + 1e-12:
+        middle = round((high + low) / 2, 6)
+        high, low = (middle, low) if score(middle) >= threshold else (high, middle)
+    crossing, _ = isotonic_crossing([sparsity_of(v) for v in scores], list(scores.values()), threshold)
+    return crossing, len(scores)
+
+
 def calibrate_sweep(sweep: SyntheticSweep, grid: Sequence[float], threshold: float = 0.99,
                     width: float = DEFAULT_WIDTH, budget: int = DEFAULT_BUDGET, iterations: int = 1000,
                     seed: int = 0) -> dict | None:
-    """Grid reading, its replicate, search and truth of one sweep; None where the grid's curve does
-    not cross. ``grid_replicate`` is NaN where the replicate's curve does not cross."""
+    """Grid reading, its replicate, search, bisection and truth of one sweep; None where the grid's
+    curve does not cross. ``grid_replicate`` is NaN where the replicate's curve does not cross."""
     truth = sweep.true_crossing(threshold)
     sparsity, stacked, curve = grid_curve(sweep, grid)
     grid_crossing, status = isotonic_crossing(sparsity, curve, threshold)
@@ -69,12 +99,13 @@ def calibrate_sweep(sweep: SyntheticSweep, grid: Sequence[float], threshold: flo
     search = noise_aware_search(sweep.evaluate, lambda items, ix: task_average_curves(items, sweep.dense, ix),
                                 threshold, width, budget, candidates=grid, iterations=iterations, seed=seed,
                                 band=lambda s, items: task_average_band(s, items, sweep.dense, threshold))
+    bisection, bisection_values = bisection_crossing(sweep, threshold)
     return {"truth": truth, "grid": grid_crossing, "grid_interval": list(grid_interval),
             "grid_step": grid_step_at(sparsity, grid_crossing), "band_interval": band,
             "grid_replicate": replicate if replicate_status == "crossed" else math.nan, "search": search["crossing"],
             "search_interval": search["interval"], "search_band_interval": search["band"],
             "search_values": search["values_evaluated"], "search_new_values": search["new_values"],
-            "stopped": search["stopped"]}
+            "stopped": search["stopped"], "bisection": bisection, "bisection_values": bisection_values}
 
 
 def calibrate(items: int, noise: float, sweeps: int = 100, tasks: int = 4, threshold: float = 0.99,
@@ -108,12 +139,15 @@ def summarize(rows: list[dict]) -> dict:
     return {
         "crossed": len(rows),
         "search_within_one_grid_step": rate(abs(r["search"] - r["grid"]) <= r["grid_step"] for r in rows),
+        # NaN (the bisection's ends did not bracket the threshold) counts as not within
+        "bisection_within_one_grid_step": rate(abs(r["bisection"] - r["grid"]) <= r["grid_step"] for r in rows),
         # NaN (the replicate's curve did not cross) counts as not within
         "replicate_within_one_grid_step": rate(abs(r["grid_replicate"] - r["grid"]) <= r["grid_step"] for r in rows),
         "search_values_mean": float(np.mean([r["search_values"] for r in rows])),
         "search_new_values_max": int(max(r["search_new_values"] for r in rows)),
         "stopped": dict(Counter(r["stopped"] for r in rows)),
         "median_error": {"search": float(np.median([abs(r["search"] - r["truth"]) for r in rows])),
+                         "bisection": float(np.nanmedian([abs(r["bisection"] - r["truth"]) for r in rows])),
                          "grid": float(np.median([abs(r["grid"] - r["truth"]) for r in rows]))},
         "mean_signed_error": {"search": float(np.mean([r["search"] - r["truth"] for r in rows])),
                               "grid": float(np.mean([r["grid"] - r["truth"] for r in rows]))},
@@ -128,23 +162,25 @@ def markdown_table(summaries: list[dict]) -> str:
     """One row per setting: the target rate beside the grid's own reproducibility, errors against
     the truth, interval coverage and width."""
     lines = ["| items per task | noise | scale | sweeps | search within one grid step of the grid | "
-             "replicate grid within one grid step of the grid | values (mean) | median error: search / grid | "
+             "bisection within one grid step of the grid | replicate grid within one grid step of the grid | "
+             "values (mean) | median error: search / bisection / grid | "
              "95% interval covers the truth: search / grid / grid band / search band | "
              "truth below the interval: search / grid / grid band / search band | "
              "median interval width: search / grid / grid band / search band |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         setting = f"| {s['items']} | {s['noise']:g} | {s.get('scale', SCALE):g} |"
         if not s.get("crossed"):
-            lines.append(f"{setting} 0 | - | - | - | - | - | - | - |")
+            lines.append(f"{setting} 0 | - | - | - | - | - | - | - | - |")
             continue
 
-        def pair(key, fmt="{:.3f}"):
-            return " / ".join(fmt.format(s[key][k]) for k in INTERVALS if k in s[key])
+        def pair(key, fmt="{:.3f}", order=INTERVALS):
+            return " / ".join(fmt.format(s[key][k]) for k in order if k in s[key])
 
         lines.append(f"{setting} {s['crossed']} | {s['search_within_one_grid_step']:.0%} | "
-                     f"{s['replicate_within_one_grid_step']:.0%} | {s['search_values_mean']:.1f} | "
-                     f"{pair('median_error')} | {pair('coverage', '{:.0%}')} | "
+                     f"{s['bisection_within_one_grid_step']:.0%} | {s['replicate_within_one_grid_step']:.0%} | "
+                     f"{s['search_values_mean']:.1f} | {pair('median_error', order=('search', 'bisection', 'grid'))} | "
+                     f"{pair('coverage', '{:.0%}')} | "
                      f"{pair('truth_below_interval', '{:.0%}')} | {pair('median_interval_width')} |")
     return "\n".join(lines)
 

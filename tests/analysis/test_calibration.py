@@ -1,10 +1,12 @@
 """The search's calibration on synthetic sweeps: the readings it compares and the rates it reports."""
 
+import math
+
 import numpy as np
 import pytest
 
-from common.analysis.calibration import (calibrate, calibrate_sweep, check_calibration_settings, grid_step_at,
-                                         markdown_table, summarize)
+from common.analysis.calibration import (bisection_crossing, calibrate, calibrate_sweep, check_calibration_settings,
+                                         grid_step_at, markdown_table, summarize)
 from common.analysis.critical import isotonic_crossing, task_average_curves
 from common.analysis.synthetic import SyntheticSweep, sparsity_of
 from common.evaluation.sweep import PAPER_DENSE_GRID
@@ -30,6 +32,28 @@ def test_one_sweep_compares_the_grid_reading_the_search_and_the_truth():
     assert row["grid_interval"][0] <= row["grid"] <= row["grid_interval"][1]
     assert row["search_interval"][0] <= row["search"] <= row["search_interval"][1]
     assert row["search_new_values"] == len(sweep.calls) <= 8  # the grid was read without calling evaluate
+    assert row["bisection_values"] == 9 and row["bisection"] == pytest.approx(bisection_crossing(sweep)[0])
+
+
+class Step:
+    """A sweep whose task-average score is 1 at rule values from 0.3 up and 0.5 below."""
+
+    def __init__(self, edge: float = 0.3):
+        self.dense, self.edge = [np.ones(10)], edge
+
+    def items(self, value):
+        return [np.ones(10) if value >= self.edge else np.r_[np.ones(5), np.zeros(5)]]
+
+
+def test_bisection_halves_the_bracket_to_a_hundredth_and_reads_its_points():
+    crossing, values = bisection_crossing(Step())
+    # 1.0 and 0.0 bracket; 0.5 passes, 0.25 fails, 0.375 and 0.3125 pass, 0.28125 and 0.296875
+    # fail, 0.304688 passes: the bracket is 0.0078 wide after 9 values
+    assert values == 9
+    s_pass, s_fail = sparsity_of(0.304688), sparsity_of(0.296875)
+    assert crossing == pytest.approx(s_pass + (1 - 0.99) / (1 - 0.5) * (s_fail - s_pass))
+    never, values = bisection_crossing(Step(edge=-1.0))  # 0.0 already scores 1: the ends do not bracket
+    assert math.isnan(never) and values == 2
 
 
 def test_the_expected_curve_is_the_mean_of_a_large_sample():
@@ -50,14 +74,17 @@ def test_the_expected_curve_is_the_mean_of_a_large_sample():
 def test_summary_rates_match_a_hand_count():
     rows = [{"truth": 0.30, "grid": 0.32, "grid_interval": [0.25, 0.35], "grid_step": 0.05, "search": 0.40,
              "search_interval": [0.33, 0.45], "search_values": 8, "search_new_values": 8, "stopped": "budget",
-             "band_interval": [0.10, 0.50], "search_band_interval": [0.20, 0.60], "grid_replicate": 0.36},
+             "band_interval": [0.10, 0.50], "search_band_interval": [0.20, 0.60], "grid_replicate": 0.36,
+             "bisection": 0.36},
             {"truth": 0.50, "grid": 0.52, "grid_interval": [0.45, 0.60], "grid_step": 0.10, "search": 0.50,
              "search_interval": [0.46, 0.55], "search_values": 6, "search_new_values": 6, "stopped": "converged",
              "band_interval": [0.51, 0.70], "search_band_interval": [0.40, float("inf")],
-             "grid_replicate": float("nan")}]
+             "grid_replicate": float("nan"), "bisection": float("nan")}]
     s = summarize(rows)
     assert s["crossed"] == 2 and s["search_within_one_grid_step"] == 0.5  # |0.40-0.32| > 0.05, |0.50-0.52| <= 0.1
     assert s["replicate_within_one_grid_step"] == 0.5  # |0.36-0.32| <= 0.05; a replicate that never crossed misses
+    assert s["bisection_within_one_grid_step"] == 0.5  # the same, for a bisection whose ends did not bracket
+    assert s["median_error"]["bisection"] == pytest.approx(0.06)  # the one bisection that bracketed
     assert s["coverage"] == {"search": 0.5, "grid": 1.0, "band": 0.5, "search_band": 1.0}
     assert s["truth_below_interval"] == {"search": 0.5, "grid": 0.0, "band": 0.5, "search_band": 0.0}
     assert s["median_error"]["search"] == pytest.approx(0.05) and s["median_error"]["grid"] == pytest.approx(0.02)
