@@ -285,8 +285,19 @@ def main() -> None:
         item_estimate(folder, float(sys.argv[3]) if len(sys.argv) > 3 else 0.05)
         return
     if sys.argv[1:2] == ["--search-vs-grid"]:
-        search_vs_grid(Path(sys.argv[2]), Path(sys.argv[3]))
+        folders = [Path(f) for f in sys.argv[2:4]]
+        if (len(folders) != 2 or not (folders[0] / "search.json").is_file()
+                or not (folders[1] / "critical.json").is_file()):
+            raise SystemExit("error: --search-vs-grid needs a search folder (with search.json) and a finished grid "
+                             "folder (with critical.json)")
+        search_vs_grid(*folders)
         return
+    empty = [name for name in sys.argv[1:] if not any((Path(name) / f).is_file() for f in ("experts.json",
+                                                                                          "critical.json"))]
+    if not sys.argv[1:] or empty:
+        raise SystemExit("error: name finished result folders (with critical.json or experts.json)"
+                         f"{' (not one: ' + ', '.join(empty) + ')' if empty else ''}, or start with --search-vs-grid, "
+                         "--item-estimate, --models or --cell-time")
     for name in sys.argv[1:]:
         folder = Path(name)
         if (folder / "experts.json").is_file():

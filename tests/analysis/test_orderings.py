@@ -138,6 +138,11 @@ def test_report_tables_print_the_orderings_and_search_against_grid(tmp_path):
     line = next(l for l in versus.stdout.splitlines() if l.startswith("| input |"))
     assert "+0.010" in line and f"| {len(GRID)} / 3 |" in line and line.rstrip().endswith("| 4 |")
     assert ", band [0.100, open) |" in line  # an open band (stored as null) beside the search's interval
+    for args, message in (([], "name finished result folders"), ([str(tmp_path / "none")], "not one: "),
+                          (["--search-vs-grid", str(store.root)], "--search-vs-grid needs a search folder"),
+                          (["--search-vs-grid", str(store.root), str(tmp_path)], "with search.json")):
+        refused = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+        assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
 
 
 def _model_study(tmp_path, name, keep, drift):
