@@ -282,7 +282,14 @@ def main() -> None:
         folder = Path(sys.argv[2]) if len(sys.argv) > 2 else None
         if folder is None or not (folder / "critical.json").is_file():
             raise SystemExit(f"error: --item-estimate needs a finished sweep folder (with critical.json); got {folder}")
-        item_estimate(folder, float(sys.argv[3]) if len(sys.argv) > 3 else 0.05)
+        try:
+            halfwidth = float(sys.argv[3]) if len(sys.argv) > 3 else 0.05
+        except ValueError:
+            halfwidth = math.nan
+        if not 0 < halfwidth < 1:
+            raise SystemExit(f"error: --item-estimate's target half-width must be a number in (0, 1), e.g. 0.05; "
+                             f"got {sys.argv[3]}")
+        item_estimate(folder, halfwidth)
         return
     if sys.argv[1:2] == ["--search-vs-grid"]:
         folders = [Path(f) for f in sys.argv[2:4]]

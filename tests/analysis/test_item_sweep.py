@@ -221,3 +221,7 @@ def test_report_tables_print_the_item_estimate_of_a_grid_folder(tmp_path):
     missing = subprocess.run([sys.executable, str(script), "--item-estimate", str(tmp_path)], capture_output=True,
                              text=True)
     assert missing.returncode != 0 and missing.stderr.strip().startswith("error: --item-estimate needs a finished")
+    for halfwidth in ("abc", "-0.05"):
+        refused = subprocess.run([sys.executable, str(script), "--item-estimate", str(store.root), halfwidth],
+                                 capture_output=True, text=True)
+        assert refused.returncode == 1 and "target half-width must be a number in (0, 1)" in refused.stderr
