@@ -5,10 +5,11 @@
     python scripts/search_calibration.py --items 200 --scale 0.06 0.15   # slower-falling curves
 
 Per setting (break-point scale x items per task x noise): how often the search lands within one
-paper-grid step of the full grid's isotonic crossing, how often a replicate grid (the same items,
-fresh chance guesses) does, median errors against the true crossing, and how often the search's
-and the grid's 95% bootstrap intervals and the band intervals (on the grid's points and on the
-search's) cover the truth. The JSON (summaries and every sweep) is written atomically to --output.
+paper-grid step of the full grid's isotonic crossing, how often plain bisection (9 values) and a
+replicate grid (the same items, fresh chance guesses) do, median errors against the true
+crossing, and how often the search's and the grid's 95% bootstrap intervals and the band
+intervals (on the grid's points and on the search's) cover the truth. The JSON (summaries and
+every sweep) is written atomically to --output.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def calibrate_sweep(sweep: SyntheticSweep, grid: Sequence[float], threshold: flo
     replicate, replicate_status = isotonic_crossing(replicate_sparsity, replicate_curve, threshold)
     search = noise_aware_search(sweep.evaluate, lambda items, ix: task_average_curves(items, sweep.dense, ix),
                                 threshold, width, budget, candidates=grid, iterations=iterations, seed=seed,
-                                band=lambda s, items: task_average_band(s, items, sweep.dense, threshold))
+                                band=lambda s, items, *_: task_average_band(s, items, sweep.dense, threshold))
     bisection, bisection_values = bisection_crossing(sweep, threshold)
     return {"truth": truth, "grid": grid_crossing, "grid_interval": list(grid_interval),
             "grid_step": grid_step_at(sparsity, grid_crossing), "band_interval": band,

@@ -49,7 +49,7 @@ VALUE_STEP = 1e-4  # rule values are rounded to this; a gap narrower than two st
 
 Evaluate = Callable[[float], tuple[float, Sequence[np.ndarray]]]
 Curves = Callable[[list[np.ndarray], list[np.ndarray] | None], np.ndarray]
-Band = Callable[[np.ndarray, list[np.ndarray]], tuple[float, float]]
+Band = Callable[[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray], tuple[float, float]]
 
 
 def check_search_settings(threshold: float, width: float, budget: int, ppl_percent: float = 1.0) -> None:
@@ -77,8 +77,10 @@ def noise_aware_search(evaluate: Evaluate, curves: Curves, threshold: float = 0.
     when ``indices`` (per task, [resamples, items], ``bootstrap_indices``) is given. ``known``
     values are evaluated first and cost nothing against the budget (their cells exist). A new value is the
     ``candidates`` value (a sweep's grid) nearest to the chosen one when the gap holds any, so a
-    search shares its points, and their noise, with the grid. ``band(sparsity, items)`` (the points
-    sorted by sparsity, items stacked as for ``curves``) gives the band interval (low, high).
+    search shares its points, and their noise, with the grid. ``band(sparsity, items, curve,
+    resampled)`` gives the band interval (low, high) from the points sorted by sparsity: their items
+    stacked as for ``curves``, the normalized score and its bootstrap curves (as ``curves`` returns
+    them, already computed for the interval).
     """
     check_search_settings(threshold, width, budget)
     points: dict[float, tuple[float, list[np.ndarray]]] = {}
@@ -141,12 +143,13 @@ def _fit(points: dict, curves: Curves, indices: list[np.ndarray], threshold: flo
         raise ValueError("the normalized score is undefined (dense score 0 on every task); use more items (--limit)")
     _, fitted = isotonic_fit(sparsity, normalized)
     crossing, status, k = fitted_crossing(sparsity, fitted, threshold)
-    crossings = isotonic_crossings(sparsity, curves(stacked, indices), threshold)
+    resampled = curves(stacked, indices)
+    crossings = isotonic_crossings(sparsity, resampled, threshold)
     interval = [float(x) for x in np.percentile(crossings, [2.5, 97.5])] if crossings.size else [math.nan] * 2
     bracket = [float(sparsity[k]), float(sparsity[k + 1])] if status == "crossed" else [crossing, crossing]
     return {"values": values, "sparsity": sparsity, "normalized": normalized, "fitted": fitted, "status": status,
             "crossing": crossing, "interval": interval, "bracket": bracket, "crossings": crossings,
-            "band": None if band is None else [float(x) for x in band(sparsity, stacked)]}
+            "band": None if band is None else [float(x) for x in band(sparsity, stacked, normalized, resampled)]}
 
 
 def _next_value(fit: dict, width: float, candidates: Sequence[float] = ()) -> tuple[str | None, float | None]:
@@ -226,7 +229,8 @@ def search_site(runner, site: str, threshold: float = 0.99, width: float = DEFAU
            **noise_aware_search(accuracy, lambda items, indices: task_average_curves(items, dense_items, indices),
                                 threshold, width, budget, candidates=spec.grid, iterations=iterations,
                                 label=f"search {site}", verbose=runner.verbose,
-                                band=lambda points, items: task_average_band(points, items, dense_items, threshold)),
+                                band=lambda points, items, *_: task_average_band(points, items, dense_items,
+                                                                                 threshold)),
            "ppl": {}}
     searched = [point["value"] for point in out["points"]]
     for task in [t for t in spec.tasks if t in PERPLEXITY_TASKS]:
@@ -249,10 +253,9 @@ def _perplexity_search(runner, site: str, task: str, dense: dict, known: list[fl
         return perplexity_curves(items[0], dense_logliks, words, None if indices is None else indices[0])
 
     threshold = 1.0 / (1.0 + ppl_percent / 100.0)
-    band_indices = bootstrap_indices(words.size, iterations, 0)
 
-    def band(sparsity, items):
-        return resampled_band(sparsity, curves(items, None), curves(items, [band_indices]), threshold)
+    def band(sparsity, items, curve, resampled):
+        return resampled_band(sparsity, curve, resampled, threshold)
 
     return noise_aware_search(evaluate, curves, threshold, width, budget, coarse=(), known=known,
                               candidates=runner.spec.grid, iterations=iterations,

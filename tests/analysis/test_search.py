@@ -152,7 +152,7 @@ def test_the_band_is_reported_and_a_wide_band_keeps_the_search_going():
         plain = _search(sweep, iterations=200, width=0.05, budget=8)
         sweep = SyntheticSweep(items=1000, noise=0.02, seed=seed, centre=0.5)
         banded = _search(sweep, iterations=200, width=0.05, budget=8,
-                         band=lambda sparsity, items: task_average_band(sparsity, items, sweep.dense))
+                         band=lambda sparsity, items, *_: task_average_band(sparsity, items, sweep.dense))
         assert plain["band"] is None and banded["history"][-1]["band"] == banded["band"]
         ordered = sorted(banded["points"], key=lambda p: p["sparsity"])
         by_hand = task_average_band([p["sparsity"] for p in ordered],
@@ -167,5 +167,5 @@ def test_the_band_is_reported_and_a_wide_band_keeps_the_search_going():
     # seed 2: the bootstrap interval (0.045 wide) alone ends the plain search at 6 values; the band is 0.107 wide
     assert outcomes == {2: ("converged", 6, "budget", 8), 4: ("converged", 6, "converged", 6)}
     sweep = SyntheticSweep(items=1000, noise=0.02, seed=4, centre=0.5)
-    wide = _search(sweep, iterations=200, width=0.05, budget=8, band=lambda sparsity, items: (0.0, 1.0))
+    wide = _search(sweep, iterations=200, width=0.05, budget=8, band=lambda *_: (0.0, 1.0))
     assert (wide["stopped"], wide["new_values"], wide["band"]) == ("budget", 8, [0.0, 1.0])

@@ -194,6 +194,9 @@ def test_search_evaluates_few_values_and_the_report_reads_them_the_same_way(mana
     assert ppl_entry["interpolated"] == pytest.approx(ppl["critical"]["interpolated"])
     assert ppl_entry["isotonic"]["crossing"] == pytest.approx(ppl["crossing"])
     assert ppl_entry["isotonic"]["interval"] == pytest.approx(ppl["interval"])
+    # and the same bands: the search's from its own fit, the report's from its own resamples
+    assert isotonic["band"] == pytest.approx(result["band"])
+    assert ppl_entry["isotonic"]["band"] == pytest.approx(ppl["band"])
     # McNemar at the grid reading's value, counted a second way from the stored items
     mcnemar = entry["mcnemar"]
     assert mcnemar["value"] == entry["task_average_curve"]["grid_value"]
