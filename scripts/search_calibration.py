@@ -3,6 +3,7 @@
     python scripts/search_calibration.py                         # the report's table (a few minutes)
     python scripts/search_calibration.py --items 30 300 --noise 0.1 --sweeps 20
     python scripts/search_calibration.py --items 200 --scale 0.06 0.15   # slower-falling curves
+    python scripts/search_calibration.py --spread 0.5   # half the placement over the band's range
 
 Per setting (break-point scale x items per task x noise): how often the search lands within one
 paper-grid step of the full grid's isotonic crossing, how often plain bisection (9 values) and a
@@ -32,11 +33,15 @@ def main() -> None:
                         help="the break points' logistic scale: larger falls more slowly through the threshold")
     parser.add_argument("--sweeps", type=int, default=100, help="seeded sweeps per setting")
     parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="the search's new values per sweep")
+    parser.add_argument("--spread", type=float, default=0.0,
+                        help="share of the search's placement spread evenly over the range of its bootstrap interval "
+                             "and band (0: placed by the bootstrap crossings alone, the search's default)")
     parser.add_argument("--iterations", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--output", type=Path, default=Path("results/search_calibration/calibration.json"))
     args = parser.parse_args()
     try:
-        check_calibration_settings(args.items, args.noise, args.sweeps, args.budget, args.iterations, args.scale)
+        check_calibration_settings(args.items, args.noise, args.sweeps, args.budget, args.iterations, args.scale,
+                                   args.spread)
     except ValueError as error:
         parser.error(str(error))
     summaries = []
@@ -44,7 +49,7 @@ def main() -> None:
         for items in args.items:
             for noise in args.noise:
                 summaries.append(calibrate(items, noise, args.sweeps, budget=args.budget, iterations=args.iterations,
-                                           scale=scale, verbose=True))
+                                           scale=scale, verbose=True, spread=args.spread))
                 atomic_write_json(args.output, summaries)
     print(markdown_table(summaries))
     print(f"\nwritten: {args.output}")

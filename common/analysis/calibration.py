@@ -83,7 +83,7 @@ def bisection_crossing(sweep: SyntheticSweep, threshold: float = 0.99,
 
 def calibrate_sweep(sweep: SyntheticSweep, grid: Sequence[float], threshold: float = 0.99,
                     width: float = DEFAULT_WIDTH, budget: int = DEFAULT_BUDGET, iterations: int = 1000,
-                    seed: int = 0) -> dict | None:
+                    seed: int = 0, spread: float = 0.0) -> dict | None:
     """Grid reading, its replicate, search, bisection and truth of one sweep; None where the grid's
     curve does not cross. ``grid_replicate`` is NaN where the replicate's curve does not cross."""
     truth = sweep.true_crossing(threshold)
@@ -98,7 +98,8 @@ def calibrate_sweep(sweep: SyntheticSweep, grid: Sequence[float], threshold: flo
     replicate, replicate_status = isotonic_crossing(replicate_sparsity, replicate_curve, threshold)
     search = noise_aware_search(sweep.evaluate, lambda items, ix: task_average_curves(items, sweep.dense, ix),
                                 threshold, width, budget, candidates=grid, iterations=iterations, seed=seed,
-                                band=lambda s, items, *_: task_average_band(s, items, sweep.dense, threshold))
+                                band=lambda s, items, *_: task_average_band(s, items, sweep.dense, threshold),
+                                spread=spread)
     bisection, bisection_values = bisection_crossing(sweep, threshold)
     return {"truth": truth, "grid": grid_crossing, "grid_interval": list(grid_interval),
             "grid_step": grid_step_at(sparsity, grid_crossing), "band_interval": band,
@@ -110,18 +111,21 @@ def calibrate_sweep(sweep: SyntheticSweep, grid: Sequence[float], threshold: flo
 
 def calibrate(items: int, noise: float, sweeps: int = 100, tasks: int = 4, threshold: float = 0.99,
               width: float = DEFAULT_WIDTH, budget: int = DEFAULT_BUDGET, iterations: int = 1000,
-              grid: Sequence[float] = PAPER_DENSE_GRID, scale: float = SCALE, verbose: bool = False) -> dict:
+              grid: Sequence[float] = PAPER_DENSE_GRID, scale: float = SCALE, verbose: bool = False,
+              spread: float = 0.0) -> dict:
     """Summary (and per-sweep rows) of ``sweeps`` seeded synthetic sweeps of ``tasks`` tasks with
     ``items`` items each, ``noise`` and break-point ``scale`` (``SyntheticSweep``; a larger scale
-    makes the curve fall more slowly, so more of it lies near the threshold)."""
+    makes the curve fall more slowly, so more of it lies near the threshold), and the search's
+    ``spread`` (``common.analysis.search``)."""
     rows = []
     for seed in tqdm(range(sweeps), desc=f"{items} items, noise {noise:g}", unit="sweep", disable=not verbose):
         centre = float(np.random.default_rng(1000 + seed).uniform(*CENTRES))
         sweep = SyntheticSweep(tasks=tasks, items=items, noise=noise, centre=centre, scale=scale, seed=seed)
-        row = calibrate_sweep(sweep, grid, threshold, width, budget, iterations, seed)
+        row = calibrate_sweep(sweep, grid, threshold, width, budget, iterations, seed, spread)
         if row is not None:
             rows.append({"seed": seed, "centre": centre, **row})
-    return {"items": items, "noise": noise, "scale": scale, "tasks": tasks, "sweeps": sweeps, "budget": budget,
+    return {"items": items, "noise": noise, "scale": scale, "spread": spread, "tasks": tasks, "sweeps": sweeps,
+            "budget": budget,
             "width": width, "iterations": iterations, **summarize(rows), "rows": rows}
 
 
@@ -187,11 +191,11 @@ def markdown_table(summaries: list[dict]) -> str:
 
 def check_calibration_settings(items: Sequence[int], noise: Sequence[float], sweeps: int,
                                budget: int = DEFAULT_BUDGET, iterations: int = 1000,
-                               scales: Sequence[float] = (SCALE,)) -> None:
+                               scales: Sequence[float] = (SCALE,), spread: float = 0.0) -> None:
     """One-line errors before any sweep runs."""
     if not scales or any(not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0) for x in scales):
         raise ValueError(f"--scale must be positive numbers (the break points' logistic scale), got {list(scales)}")
-    check_search_settings(0.99, DEFAULT_WIDTH, budget)
+    check_search_settings(0.99, DEFAULT_WIDTH, budget, spread=spread)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 100:
         raise ValueError(f"--iterations (bootstrap resamples) must be a whole number >= 100, got {iterations}")
     if not items or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in items):

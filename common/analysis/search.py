@@ -13,6 +13,11 @@ This search uses every evaluation made so far:
    value of the sweep's grid inside the gap if there is one (a search then sees the grid's
    points and reuses a grid's cells; finer values only where the grid has none);
 
+With ``spread`` > 0 that share of the placement weight is spread evenly over the range the
+bootstrap interval and the band cover together (an exploring placement: it reaches bumps of the
+curve the bootstrap crossings do not point at); the calibration measures what it buys (more
+honest bootstrap intervals) and costs (less agreement with the full grid), so the default is 0;
+
 until the interval, the gap around the crossing and, where the caller gives one, the band
 interval (the curve shifted down and up by 1.96 standard errors at every point,
 ``common.analysis.critical.band_crossings``) are all narrower than ``width`` (in measured
@@ -52,8 +57,12 @@ Curves = Callable[[list[np.ndarray], list[np.ndarray] | None], np.ndarray]
 Band = Callable[[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray], tuple[float, float]]
 
 
-def check_search_settings(threshold: float, width: float, budget: int, ppl_percent: float = 1.0) -> None:
+def check_search_settings(threshold: float, width: float, budget: int, ppl_percent: float = 1.0,
+                          spread: float = 0.0) -> None:
     """One-line errors for settings under which the search cannot end or means nothing."""
+    if not (isinstance(spread, (int, float)) and 0 <= spread <= 1):
+        raise ValueError(f"--spread (the share of the placement spread over the band's range) must be in [0, 1], "
+                         f"got {spread}")
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         raise ValueError(f"--threshold must be in (0, 1], got {threshold}")
     if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
@@ -68,7 +77,8 @@ def check_search_settings(threshold: float, width: float, budget: int, ppl_perce
 def noise_aware_search(evaluate: Evaluate, curves: Curves, threshold: float = 0.99, width: float = DEFAULT_WIDTH,
                        budget: int = DEFAULT_BUDGET, coarse: Sequence[float] = COARSE_VALUES,
                        known: Sequence[float] = (), candidates: Sequence[float] = (), iterations: int = 1000,
-                       seed: int = 0, label: str = "search", verbose: bool = False, band: Band | None = None) -> dict:
+                       seed: int = 0, label: str = "search", verbose: bool = False, band: Band | None = None,
+                       spread: float = 0.0) -> dict:
     """Critical sparsity of one criterion with at most ``budget`` new rule values.
 
     ``evaluate(value)`` returns (measured sparsity, per-task item arrays at that value), the
@@ -80,9 +90,10 @@ def noise_aware_search(evaluate: Evaluate, curves: Curves, threshold: float = 0.
     search shares its points, and their noise, with the grid. ``band(sparsity, items, curve,
     resampled)`` gives the band interval (low, high) from the points sorted by sparsity: their items
     stacked as for ``curves``, the normalized score and its bootstrap curves (as ``curves`` returns
-    them, already computed for the interval).
+    them, already computed for the interval). ``spread`` is the share of the placement weight
+    spread evenly over the range of the interval and the band (the module's docstring).
     """
-    check_search_settings(threshold, width, budget)
+    check_search_settings(threshold, width, budget, spread=spread)
     points: dict[float, tuple[float, list[np.ndarray]]] = {}
     order: list[float] = []
     history: list[dict] = []
@@ -115,7 +126,7 @@ def noise_aware_search(evaluate: Evaluate, curves: Curves, threshold: float = 0.
                         "band": fit["band"]})
         progress.set_postfix(crossing=f"{fit['crossing']:.3f}", interval=f"{fit['interval'][0]:.3f}-"
                                                                            f"{fit['interval'][1]:.3f}")
-        stopped, value = _next_value(fit, width, candidates)
+        stopped, value = _next_value(fit, width, candidates, spread)
         if stopped is None and new >= budget:
             stopped = "budget"
         if stopped is not None:
@@ -124,7 +135,8 @@ def noise_aware_search(evaluate: Evaluate, curves: Curves, threshold: float = 0.
         new += 1
     progress.close()
     values = fit["values"]
-    return {"label": label, "threshold": threshold, "width": width, "budget": budget, "status": fit["status"],
+    return {"label": label, "threshold": threshold, "width": width, "budget": budget, "spread": spread,
+            "status": fit["status"],
             "crossing": fit["crossing"], "interval": fit["interval"], "band": fit["band"], "bracket": fit["bracket"],
             "stopped": stopped,
             "values_evaluated": len(values), "new_values": new, "order": order, "history": history,
@@ -152,7 +164,22 @@ def _fit(points: dict, curves: Curves, indices: list[np.ndarray], threshold: flo
             "band": None if band is None else [float(x) for x in band(sparsity, stacked, normalized, resampled)]}
 
 
-def _next_value(fit: dict, width: float, candidates: Sequence[float] = ()) -> tuple[str | None, float | None]:
+def placement_crossings(fit: dict, spread: float = 0.0) -> np.ndarray:
+    """The crossings the placement weighs gaps by: the bootstrap crossings, joined by evenly spaced
+    points over the range of the bootstrap interval and the band (where the band's upper end is not
+    reached, up to the sparsest point evaluated) so that they carry ``spread`` of the weight."""
+    crossings = fit["crossings"]
+    if spread <= 0 or fit["band"] is None or fit["status"] != "crossed" or crossings.size == 0:
+        return crossings
+    ends = [x for x in (*fit["interval"], *fit["band"]) if math.isfinite(x)]
+    low, high = min(ends), max(ends) if math.isfinite(fit["band"][1]) else float(fit["sparsity"][-1])
+    count = crossings.size if spread >= 1 else int(round(crossings.size * spread / (1 - spread)))
+    even = np.linspace(low, high, count + 2)[1:-1]
+    return even if spread >= 1 else np.concatenate([crossings, even])
+
+
+def _next_value(fit: dict, width: float, candidates: Sequence[float] = (),
+                spread: float = 0.0) -> tuple[str | None, float | None]:
     """(why to stop, None) or (None, the next rule value to evaluate)."""
     values, sparsity = fit["values"], fit["sparsity"]
     if fit["status"] == "never_reached":
@@ -163,7 +190,7 @@ def _next_value(fit: dict, width: float, candidates: Sequence[float] = ()) -> tu
     band_width = 0.0 if fit["band"] is None else fit["band"][1] - fit["band"][0]
     if high - low <= width and fit["bracket"][1] - fit["bracket"][0] <= width and band_width <= width:
         return "converged", None
-    crossings, best, target = fit["crossings"], 0.0, None
+    crossings, best, target = placement_crossings(fit, spread), 0.0, None
     for i in range(len(values) - 1):
         s_a, s_b, v_a, v_b = sparsity[i], sparsity[i + 1], values[i], values[i + 1]
         inside = crossings[(crossings > s_a) & (crossings <= s_b)]
@@ -184,16 +211,16 @@ def _next_value(fit: dict, width: float, candidates: Sequence[float] = ()) -> tu
 # ---- the sweep's search: every site of a shard, accuracy then PPL-p% -------------------------
 
 def run_search(runner, threshold: float = 0.99, width: float = DEFAULT_WIDTH, budget: int = DEFAULT_BUDGET,
-               ppl_percent: float = 1.0, iterations: int = 1000) -> list[dict]:
+               ppl_percent: float = 1.0, iterations: int = 1000, spread: float = 0.0) -> list[dict]:
     """Search every site of the runner's shard (sites are split across shards, cells are not).
 
     ``runner`` is a ``common.evaluation.sweep.SweepRunner``; the spec is left as it is: pass
     ``searched_values(searches)`` to ``write_report`` to report exactly the evaluated points.
     """
-    check_search_settings(threshold, width, budget, ppl_percent)
+    check_search_settings(threshold, width, budget, ppl_percent, spread)
     count, index = runner.shard[1], runner.shard[0]
     sites = [site for position, site in enumerate(runner.spec.sites) if position % count == index]
-    return [search_site(runner, site, threshold, width, budget, ppl_percent, iterations) for site in sites]
+    return [search_site(runner, site, threshold, width, budget, ppl_percent, iterations, spread) for site in sites]
 
 
 def searched_values(searches: list[dict]) -> dict[str, dict[str, list[float]]]:
@@ -208,7 +235,8 @@ def searched_values(searches: list[dict]) -> dict[str, dict[str, list[float]]]:
 
 
 def search_site(runner, site: str, threshold: float = 0.99, width: float = DEFAULT_WIDTH,
-                budget: int = DEFAULT_BUDGET, ppl_percent: float = 1.0, iterations: int = 1000) -> dict:
+                budget: int = DEFAULT_BUDGET, ppl_percent: float = 1.0, iterations: int = 1000,
+                spread: float = 0.0) -> dict:
     """The task-average accuracy criterion, then PPL-p% on each perplexity task, for one site."""
     spec = runner.spec
     before = runner.evaluations
@@ -230,18 +258,19 @@ def search_site(runner, site: str, threshold: float = 0.99, width: float = DEFAU
                                 threshold, width, budget, candidates=spec.grid, iterations=iterations,
                                 label=f"search {site}", verbose=runner.verbose,
                                 band=lambda points, items, *_: task_average_band(points, items, dense_items,
-                                                                                 threshold)),
+                                                                                 threshold),
+                                spread=spread),
            "ppl": {}}
     searched = [point["value"] for point in out["points"]]
     for task in [t for t in spec.tasks if t in PERPLEXITY_TASKS]:
         out["ppl"][task] = _perplexity_search(runner, site, task, dense[task], searched, ppl_percent, width,
-                                              budget, iterations)
+                                              budget, iterations, spread)
     out["cells_evaluated"] = runner.evaluations - before
     return out
 
 
 def _perplexity_search(runner, site: str, task: str, dense: dict, known: list[float], ppl_percent: float,
-                       width: float, budget: int, iterations: int) -> dict:
+                       width: float, budget: int, iterations: int, spread: float = 0.0) -> dict:
     dense_logliks = np.array([i["loglikelihood"] for i in dense["items"]])
     words = np.array([i["words"] for i in dense["items"]], dtype=float)
 
@@ -259,7 +288,8 @@ def _perplexity_search(runner, site: str, task: str, dense: dict, known: list[fl
 
     return noise_aware_search(evaluate, curves, threshold, width, budget, coarse=(), known=known,
                               candidates=runner.spec.grid, iterations=iterations,
-                              label=f"PPL-{ppl_percent:g}% {site}", verbose=runner.verbose, band=band)
+                              label=f"PPL-{ppl_percent:g}% {site}", verbose=runner.verbose, band=band,
+                              spread=spread)
 
 
 def _item_scores(result: dict, field: str, expected: int | None = None) -> np.ndarray:

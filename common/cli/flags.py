@@ -159,6 +159,9 @@ def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int =
     parser.add_argument("--resolution", type=float, default=0.05,
                         help="--search stops when its 95%% interval (in measured sparsity) is this narrow")
     parser.add_argument("--budget", type=int, default=8, help="--search: at most this many new rule values per site and criterion")
+    parser.add_argument("--spread", type=float, default=0.0,
+                        help="--search: share of the placement spread evenly over the range of the interval and the "
+                             "band (default 0: placed by the bootstrap crossings; scripts/search_calibration.py)")
     if item_planning:
         _add_item_planning_arguments(parser)
     parser.add_argument("--stop-below", type=finite_float, default=None,
@@ -233,7 +236,8 @@ def sweep_settings(args, default_grid: list[float]):
     if args.search:
         from common.analysis.search import check_search_settings
 
-        check_search_settings(args.threshold, args.resolution, args.budget, getattr(args, "ppl_percent", 1.0))
+        check_search_settings(args.threshold, args.resolution, args.budget, getattr(args, "ppl_percent", 1.0),
+                              args.spread)
     device = check_device(None if args.device == "auto" else args.device)
     if getattr(args, "memory_fraction", None) is not None:
         limit_device_memory(args.memory_fraction, "auto" if args.device == "auto" else device)

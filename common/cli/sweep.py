@@ -42,7 +42,7 @@ def run_sweep(args, lm, spec: SweepSpec, store: ResultStore, shard: tuple[int, i
         return None
     if args.search:
         searches = run_search(runner, args.threshold, args.resolution, args.budget, ppl_percent,
-                              args.bootstrap or 1000)
+                              args.bootstrap or 1000, args.spread)
         if shard[1] > 1:  # sites go to shards: each writes its own file, the report needs every shard's
             atomic_write_json(output / shard_file("search", shard), searches)
             order = {site: i for i, site in enumerate(spec.sites)}

@@ -129,6 +129,8 @@ def test_bad_calibration_settings_are_refused_in_one_line(items, noise, sweeps, 
 def test_bad_budget_resamples_or_scale_are_refused(budget, iterations, scales, message):
     with pytest.raises(ValueError, match=message):
         check_calibration_settings([30], [0.1], 10, budget, iterations, scales)
+    with pytest.raises(ValueError, match="--spread"):
+        check_calibration_settings([30], [0.1], 10, spread=2.0)
 
 
 def test_a_replicate_keeps_the_items_and_redraws_the_guesses():

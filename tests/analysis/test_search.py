@@ -7,7 +7,7 @@ import pytest
 
 from common.analysis.critical import isotonic_crossing, task_average_curves
 from common.analysis.item_planner import task_average_band
-from common.analysis.search import check_search_settings, noise_aware_search
+from common.analysis.search import _next_value, check_search_settings, noise_aware_search, placement_crossings
 from common.analysis.synthetic import SyntheticSweep, sparsity_of
 
 
@@ -131,7 +131,8 @@ def test_known_values_are_free_and_reused():
     ({"width": -1}, "--resolution"), ({"width": 0}, "--resolution"), ({"width": math.nan}, "--resolution"),
     ({"width": math.inf}, "--resolution"), ({"budget": 1}, "--budget"), ({"budget": 2.5}, "--budget"),
     ({"threshold": 0}, "--threshold"), ({"threshold": 1.5}, "--threshold"), ({"threshold": math.nan}, "--threshold"),
-    ({"ppl_percent": -1}, "--ppl-percent")])
+    ({"ppl_percent": -1}, "--ppl-percent"), ({"spread": -0.1}, "--spread"), ({"spread": 1.5}, "--spread"),
+    ({"spread": math.nan}, "--spread")])
 def test_bad_search_settings_are_refused_in_one_line(settings, message):
     arguments = {"threshold": 0.99, "width": 0.05, "budget": 8, "ppl_percent": 1.0, **settings}
     with pytest.raises(ValueError, match=message) as error:
@@ -169,3 +170,41 @@ def test_the_band_is_reported_and_a_wide_band_keeps_the_search_going():
     sweep = SyntheticSweep(items=1000, noise=0.02, seed=4, centre=0.5)
     wide = _search(sweep, iterations=200, width=0.05, budget=8, band=lambda *_: (0.0, 1.0))
     assert (wide["stopped"], wide["new_values"], wide["band"]) == ("budget", 8, [0.0, 1.0])
+
+
+def _fitted(crossings, interval, band, sparsity=(0.0, 0.12, 0.37, 0.57), values=(1.0, 0.99, 0.95, 0.85)):
+    return {"status": "crossed", "values": list(values), "sparsity": np.array(sparsity),
+            "crossings": np.array(crossings, dtype=float), "interval": list(interval), "band": list(band),
+            "bracket": [0.0, 0.12]}
+
+
+def test_spread_joins_evenly_spaced_points_over_the_interval_and_the_band():
+    fit = _fitted([0.06] * 4, [0.06, 0.06], [0.0, 0.5])
+    assert placement_crossings(fit, 0.0).tolist() == [0.06] * 4
+    assert placement_crossings(fit, 0.5) == pytest.approx([0.06] * 4 + [0.1, 0.2, 0.3, 0.4])  # 4 more over [0, 0.5]
+    assert placement_crossings(fit, 1.0) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert placement_crossings(fit, 0.2) == pytest.approx([0.06] * 4 + [0.25])  # one point: 4 x 0.2 / 0.8
+    # an upper band that never crosses reaches the sparsest point evaluated; the interval widens the range too
+    open_band = _fitted([0.06] * 4, [0.06, 0.3], [0.02, math.inf])
+    assert placement_crossings(open_band, 1.0) == pytest.approx([0.13, 0.24, 0.35, 0.46])  # over [0.02, 0.57]
+    assert placement_crossings(dict(open_band, band=None), 1.0).tolist() == [0.06] * 4  # no band: nothing to spread
+
+
+def test_spread_moves_the_next_value_to_the_widest_stretch_of_the_band():
+    """By hand: every bootstrap crossing at 0.06 (gap 0 to 0.12), the band reaching 0.6. Placed by
+    the crossings (spread 0 or 0.5), the next value is the median crossing mapped into the first
+    gap: p = 1 - 0.06 / 0.12 x 0.01 = 0.995. Placed evenly over the band (spread 1; 11 points at
+    0.05 to 0.55), the gap 0.12-0.37 holds 5 of them, so 5/11 x 0.25 beats 2/11 x 0.12 and
+    4/11 x 0.2: at their median 0.25, p = 0.99 - 0.13 / 0.25 x 0.04 = 0.9692."""
+    fit = _fitted([0.06] * 11, [0.06, 0.06], [0.0, 0.6])
+    assert _next_value(fit, 0.05) == (None, 0.995)
+    assert _next_value(fit, 0.05, spread=0.5) == (None, 0.995)
+    assert _next_value(fit, 0.05, spread=1.0) == (None, 0.9692)
+    assert _next_value(fit, 0.05, candidates=[0.97, 0.96], spread=1.0) == (None, 0.97)  # snapped to the grid
+
+
+def test_a_spread_search_keeps_its_budget_and_records_the_spread():
+    sweep = SyntheticSweep(items=100, noise=0.1, seed=7, centre=0.5)
+    result = _search(sweep, iterations=100, width=0.05, budget=8, spread=0.5,
+                     band=lambda sparsity, items, *_: task_average_band(sparsity, items, sweep.dense))
+    assert result["spread"] == 0.5 and len(sweep.calls) == result["new_values"] <= 8

@@ -333,7 +333,7 @@ def test_dense_sweep_script_bad_input(tmp_path):
     assert result.returncode == 2 and "outside [0, 1]" in result.stderr
     for flags, message in [(["--resolution", "-1"], "--resolution"), (["--resolution", "0"], "--resolution"),
                            (["--resolution", "nan"], "--resolution"), (["--budget", "1"], "--budget"),
-                           (["--threshold", "1.5"], "--threshold")]:
+                           (["--threshold", "1.5"], "--threshold"), (["--spread", "-0.5"], "--spread")]:
         result = _run("--search", *flags)  # refused at once, before any model is loaded
         assert result.returncode == 2 and result.stderr.strip().startswith("error: " + message), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
