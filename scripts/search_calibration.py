@@ -4,6 +4,8 @@
     python scripts/search_calibration.py --items 30 300 --noise 0.1 --sweeps 20
     python scripts/search_calibration.py --items 200 --scale 0.06 0.15   # slower-falling curves
     python scripts/search_calibration.py --spread 0.5   # half the placement over the band's range
+    python scripts/search_calibration.py --items 200 --noise 0.2 --chance 0.5 --persistence 0.8 --scale 0.1
+                                                                 # flips like a real sweep's
 
 Per setting (break-point scale x items per task x noise): how often the search lands within one
 paper-grid step of the full grid's isotonic crossing, how often plain bisection (9 values) and a
@@ -19,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.analysis.calibration import SCALE, calibrate, check_calibration_settings, markdown_table
+from common.analysis.calibration import CHANCE, SCALE, calibrate, check_calibration_settings, markdown_table
 from common.analysis.search import DEFAULT_BUDGET
 from common.evaluation.store import atomic_write_json
 
@@ -31,6 +33,12 @@ def main() -> None:
                         help="chance-guess rate per unit of sparsity (what makes sample curves non-monotone)")
     parser.add_argument("--scale", type=float, nargs="+", default=[SCALE],
                         help="the break points' logistic scale: larger falls more slowly through the threshold")
+    parser.add_argument("--chance", type=float, default=CHANCE,
+                        help="a guess's chance of being right (0.5 with the dense accuracy 0.5: guesses that lose "
+                             "and gain items alike, churn without a net decline)")
+    parser.add_argument("--persistence", type=float, default=0.0,
+                        help="share of the guesses that are the item's own, the same at every rule value (real "
+                             "sweeps: flips persist over neighbouring values)")
     parser.add_argument("--sweeps", type=int, default=100, help="seeded sweeps per setting")
     parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="the search's new values per sweep")
     parser.add_argument("--spread", type=float, default=0.0,
@@ -41,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         check_calibration_settings(args.items, args.noise, args.sweeps, args.budget, args.iterations, args.scale,
-                                   args.spread)
+                                   args.spread, args.chance, args.persistence)
     except ValueError as error:
         parser.error(str(error))
     summaries = []
@@ -49,7 +57,8 @@ def main() -> None:
         for items in args.items:
             for noise in args.noise:
                 summaries.append(calibrate(items, noise, args.sweeps, budget=args.budget, iterations=args.iterations,
-                                           scale=scale, verbose=True, spread=args.spread))
+                                           scale=scale, verbose=True, spread=args.spread, chance=args.chance,
+                                           persistence=args.persistence))
                 atomic_write_json(args.output, summaries)
     print(markdown_table(summaries))
     print(f"\nwritten: {args.output}")

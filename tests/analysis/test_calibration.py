@@ -56,11 +56,13 @@ def test_bisection_halves_the_bracket_to_a_hundredth_and_reads_its_points():
     assert math.isnan(never) and values == 2
 
 
-def test_the_expected_curve_is_the_mean_of_a_large_sample():
+@pytest.mark.parametrize("chance, persistence", [(0.25, 0.0), (0.5, 0.8)])
+def test_the_expected_curve_is_the_mean_of_a_large_sample(chance, persistence):
     """The truth every rate is measured against: the closed-form expected curve against the
     normalized score of 400,000 items, near sparsity 0 as well, where half the break points of
-    this wide distribution would lie below 0 without the fold."""
-    sweep = SyntheticSweep(tasks=1, items=400_000, accuracy=0.5, centre=0.05, scale=0.1, noise=0.1, seed=7)
+    this wide distribution would lie below 0 without the fold; persistent guesses leave it as it is."""
+    sweep = SyntheticSweep(tasks=1, items=400_000, accuracy=0.5, centre=0.05, scale=0.1, noise=0.1, seed=7,
+                           chance=chance, persistence=persistence)
     assert sweep.expected(0.0) == 1.0 and all((b > 0).all() for b in sweep.breaks)
     for target in (0.005, 0.05, 0.2, 0.5):
         value = 1.0 - (target / 0.95) ** (1 / 0.35)
@@ -149,3 +151,41 @@ def test_a_replicate_keeps_the_items_and_redraws_the_guesses():
     expected, status = isotonic_crossing([sparsity_of(v) for v in PAPER_DENSE_GRID], curve)
     assert status == "crossed" and row["grid_replicate"] == pytest.approx(expected)
     assert row["grid_replicate"] != row["grid"]
+
+
+def _flips(sweep, value):
+    return np.concatenate(sweep.items(value)) != np.concatenate(sweep.dense)
+
+
+def test_persistent_guesses_keep_an_items_flip_at_sparser_values():
+    """With persistence 1 every guess is the item's own: an item guessed at one value is guessed the
+    same way at every sparser one, so each item that differs from dense keeps differing (a break
+    point passed meanwhile changes nothing: the guess replaces the outcome). Independent draws
+    (persistence 0) keep few: about the flip rate. Real sweeps keep 50-90%."""
+    kept = {}
+    for persistence in (0.0, 1.0):
+        sweep = SyntheticSweep(items=2000, noise=0.3, chance=0.5, persistence=persistence, scale=0.1, centre=0.75,
+                               seed=2)
+        before, after = _flips(sweep, 0.97), _flips(sweep, 0.95)
+        assert before.sum() > 100
+        kept[persistence] = (before & after).sum() / before.sum()
+    assert kept[1.0] == 1.0 and kept[0.0] < 0.3
+
+
+def test_a_replicate_redraws_the_persistent_guesses():
+    sweep = SyntheticSweep(items=500, noise=0.3, chance=0.5, persistence=1.0, seed=4)
+    again = SyntheticSweep(items=500, noise=0.3, chance=0.5, persistence=1.0, seed=4)
+    twin = sweep.replica()
+    assert twin.persistence == 1.0 and (_flips(sweep, 0.95) == _flips(again, 0.95)).all()
+    assert (_flips(sweep, 0.95) != _flips(twin, 0.95)).any()
+    assert all((a == b).all() for a, b in zip(sweep.breaks, twin.breaks))
+
+
+def test_calibration_records_and_prints_the_guess_settings():
+    summary = calibrate(100, 0.2, sweeps=3, iterations=100, scale=0.1, chance=0.5, persistence=0.8)
+    assert (summary["chance"], summary["persistence"]) == (0.5, 0.8)
+    assert "| 100 | 0.2 (chance 0.5, persistence 0.8) | 0.1 |" in markdown_table([summary])
+    with pytest.raises(ValueError, match="--persistence"):
+        check_calibration_settings([30], [0.1], 10, persistence=1.5)
+    with pytest.raises(ValueError, match="--chance"):
+        check_calibration_settings([30], [0.1], 10, chance=0.0)
