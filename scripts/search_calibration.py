@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--persistence", type=float, default=0.0,
                         help="share of the guesses that are the item's own, the same at every rule value (real "
                              "sweeps: flips persist over neighbouring values)")
+    parser.add_argument("--fragile", type=float, default=0.0,
+                        help="share of the items that break at a sparsity uniform on [0, 1] (real curves' slow "
+                             "decline before their cliff)")
     parser.add_argument("--sweeps", type=int, default=100, help="seeded sweeps per setting")
     parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="the search's new values per sweep")
     parser.add_argument("--spread", type=float, default=0.0,
@@ -49,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         check_calibration_settings(args.items, args.noise, args.sweeps, args.budget, args.iterations, args.scale,
-                                   args.spread, args.chance, args.persistence)
+                                   args.spread, args.chance, args.persistence, args.fragile)
     except ValueError as error:
         parser.error(str(error))
     summaries = []
@@ -58,7 +61,7 @@ def main() -> None:
             for noise in args.noise:
                 summaries.append(calibrate(items, noise, args.sweeps, budget=args.budget, iterations=args.iterations,
                                            scale=scale, verbose=True, spread=args.spread, chance=args.chance,
-                                           persistence=args.persistence))
+                                           persistence=args.persistence, fragile=args.fragile))
                 atomic_write_json(args.output, summaries)
     print(markdown_table(summaries))
     print(f"\nwritten: {args.output}")

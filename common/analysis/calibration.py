@@ -112,20 +112,22 @@ def calibrate_sweep(sweep: SyntheticSweep, grid: Sequence[float], threshold: flo
 def calibrate(items: int, noise: float, sweeps: int = 100, tasks: int = 4, threshold: float = 0.99,
               width: float = DEFAULT_WIDTH, budget: int = DEFAULT_BUDGET, iterations: int = 1000,
               grid: Sequence[float] = PAPER_DENSE_GRID, scale: float = SCALE, verbose: bool = False,
-              spread: float = 0.0, chance: float = CHANCE, persistence: float = 0.0) -> dict:
+              spread: float = 0.0, chance: float = CHANCE, persistence: float = 0.0, fragile: float = 0.0) -> dict:
     """Summary (and per-sweep rows) of ``sweeps`` seeded synthetic sweeps of ``tasks`` tasks with
     ``items`` items each, ``noise`` and break-point ``scale`` (``SyntheticSweep``; a larger scale
-    makes the curve fall more slowly, so more of it lies near the threshold), the guesses'
-    ``chance`` and ``persistence``, and the search's ``spread`` (``common.analysis.search``)."""
+    makes the curve fall more slowly, so more of it lies near the threshold), the ``fragile`` share
+    of items, the guesses' ``chance`` and ``persistence``, and the search's ``spread``
+    (``common.analysis.search``)."""
     rows = []
     for seed in tqdm(range(sweeps), desc=f"{items} items, noise {noise:g}", unit="sweep", disable=not verbose):
         centre = float(np.random.default_rng(1000 + seed).uniform(*CENTRES))
         sweep = SyntheticSweep(tasks=tasks, items=items, noise=noise, centre=centre, scale=scale, seed=seed,
-                               chance=chance, persistence=persistence)
+                               chance=chance, persistence=persistence, fragile=fragile)
         row = calibrate_sweep(sweep, grid, threshold, width, budget, iterations, seed, spread)
         if row is not None:
             rows.append({"seed": seed, "centre": centre, **row})
-    return {"items": items, "noise": noise, "chance": chance, "persistence": persistence, "scale": scale,
+    return {"items": items, "noise": noise, "chance": chance, "persistence": persistence, "fragile": fragile,
+            "scale": scale,
             "spread": spread, "tasks": tasks, "sweeps": sweeps, "budget": budget, "width": width,
             "iterations": iterations, **summarize(rows), "rows": rows}
 
@@ -177,7 +179,8 @@ def markdown_table(summaries: list[dict]) -> str:
         guesses = (s.get("chance", CHANCE), s.get("persistence", 0.0))
         noise = f"{s['noise']:g}" + ("" if guesses == (CHANCE, 0.0) else
                                      f" (chance {guesses[0]:g}, persistence {guesses[1]:g})")
-        setting = f"| {s['items']} | {noise} | {s.get('scale', SCALE):g} |"
+        scale = f"{s.get('scale', SCALE):g}" + (f", {s['fragile']:g} fragile" if s.get("fragile") else "")
+        setting = f"| {s['items']} | {noise} | {scale} |"
         if not s.get("crossed"):
             lines.append(f"{setting} 0 | - | - | - | - | - | - | - | - |")
             continue
@@ -196,13 +199,16 @@ def markdown_table(summaries: list[dict]) -> str:
 def check_calibration_settings(items: Sequence[int], noise: Sequence[float], sweeps: int,
                                budget: int = DEFAULT_BUDGET, iterations: int = 1000,
                                scales: Sequence[float] = (SCALE,), spread: float = 0.0, chance: float = CHANCE,
-                               persistence: float = 0.0) -> None:
+                               persistence: float = 0.0, fragile: float = 0.0) -> None:
     """One-line errors before any sweep runs."""
     if not (isinstance(chance, (int, float)) and 0 < chance <= 1):
         raise ValueError(f"--chance (a guess's chance of being right) must be in (0, 1], got {chance}")
     if not (isinstance(persistence, (int, float)) and 0 <= persistence <= 1):
         raise ValueError(f"--persistence (the share of guesses that are the item's own at every value) must be in "
                          f"[0, 1], got {persistence}")
+    if not (isinstance(fragile, (int, float)) and 0 <= fragile <= 1):
+        raise ValueError(f"--fragile (the share of items that break at a uniform sparsity) must be in [0, 1], "
+                         f"got {fragile}")
     if not scales or any(not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0) for x in scales):
         raise ValueError(f"--scale must be positive numbers (the break points' logistic scale), got {list(scales)}")
     check_search_settings(0.99, DEFAULT_WIDTH, budget, spread=spread)

@@ -4,7 +4,10 @@ model (``common.analysis.calibration``).
 A task of ``items`` items: each item the dense model gets right (probability ``accuracy``)
 breaks at a sparsity drawn from a logistic distribution (centre ``centre``, scale ``scale``)
 folded at 0 (a draw below 0 counts as its absolute value), so the expected curve starts at 1 and
-falls continuously, without an atom of items that all break at one sparsity. Besides, at
+falls continuously, without an atom of items that all break at one sparsity. A ``fragile`` share
+of the items breaks instead at a sparsity uniform on [0, 1]: the slow, nearly straight decline
+of real curves before their cliff (a 99% crossing on that stretch moves far with a little noise,
+as it does in real sweeps). Besides, at
 sparsity s each item's outcome is replaced with probability ``noise * s`` by a chance guess
 (``chance``), drawn afresh for every rule value, which makes sample curves non-monotone. With
 ``persistence`` > 0 that share of the draws (whether an item is guessed, and its guess) is the
@@ -38,15 +41,20 @@ def sparsity_of(value: float) -> float:
 class SyntheticSweep:
     def __init__(self, tasks: int = 4, items: int = 30, accuracy: float = 0.5, centre: float = 0.6,
                  scale: float = 0.06, noise: float = 0.1, chance: float = CHANCE, seed: int = 0, replicate: int = 0,
-                 persistence: float = 0.0):
+                 persistence: float = 0.0, fragile: float = 0.0):
         rng = np.random.default_rng(seed)
         self.accuracy, self.centre, self.scale, self.noise, self.chance, self.seed, self.replicate = (
             accuracy, centre, scale, noise, chance, seed, replicate)
-        self.persistence = persistence
+        self.persistence, self.fragile = persistence, fragile
         self.dense = [(rng.random(items) < accuracy).astype(float) for _ in range(tasks)]
         for d in self.dense:
             d[0] = 1.0  # a dense score above 0
         self.breaks = [np.abs(rng.logistic(centre, scale, items)) for _ in range(tasks)]
+        if fragile:
+            early = np.random.default_rng([seed, zlib.crc32(b"fragile")])
+            for breaks in self.breaks:
+                uniform, which = early.random(items), early.random(items) < fragile
+                breaks[which] = uniform[which]
         self.calls: list[float] = []
         own = np.random.default_rng([self.seed, zlib.crc32(b"persistent"), replicate])
         self.own_draws = [(own.random(items), own.random(items)) for _ in range(tasks)] if persistence else None
@@ -54,7 +62,7 @@ class SyntheticSweep:
     def replica(self) -> "SyntheticSweep":
         """The same items with the next replicate's chance guesses."""
         return SyntheticSweep(len(self.dense), self.dense[0].size, self.accuracy, self.centre, self.scale, self.noise,
-                              self.chance, self.seed, self.replicate + 1, self.persistence)
+                              self.chance, self.seed, self.replicate + 1, self.persistence, self.fragile)
 
     def items(self, value: float) -> list[np.ndarray]:
         s = sparsity_of(value)
@@ -76,9 +84,11 @@ class SyntheticSweep:
 
     def expected(self, s: float) -> float:
         """Expected normalized score at sparsity s (population, not this sample): a dense-correct
-        item survives while its folded break point |L| exceeds s, P(L > s) + P(L < -s)."""
+        item survives while its folded break point |L| exceeds s, P(L > s) + P(L < -s), or, if
+        fragile, while its uniform break point does, 1 - s."""
         survive = (1.0 / (1.0 + math.exp((s - self.centre) / self.scale))
                    + 1.0 / (1.0 + math.exp((s + self.centre) / self.scale)))
+        survive = (1 - self.fragile) * survive + self.fragile * max(0.0, 1.0 - s)
         r = self.noise * s
         return (1 - r) * survive + r * self.chance / self.accuracy
 

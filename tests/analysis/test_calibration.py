@@ -56,13 +56,14 @@ def test_bisection_halves_the_bracket_to_a_hundredth_and_reads_its_points():
     assert math.isnan(never) and values == 2
 
 
-@pytest.mark.parametrize("chance, persistence", [(0.25, 0.0), (0.5, 0.8)])
-def test_the_expected_curve_is_the_mean_of_a_large_sample(chance, persistence):
+@pytest.mark.parametrize("chance, persistence, fragile", [(0.25, 0.0, 0.0), (0.5, 0.8, 0.0), (0.25, 0.0, 0.3)])
+def test_the_expected_curve_is_the_mean_of_a_large_sample(chance, persistence, fragile):
     """The truth every rate is measured against: the closed-form expected curve against the
     normalized score of 400,000 items, near sparsity 0 as well, where half the break points of
-    this wide distribution would lie below 0 without the fold; persistent guesses leave it as it is."""
+    this wide distribution would lie below 0 without the fold; persistent guesses leave it as it
+    is, fragile items (uniform break points) add their straight decline."""
     sweep = SyntheticSweep(tasks=1, items=400_000, accuracy=0.5, centre=0.05, scale=0.1, noise=0.1, seed=7,
-                           chance=chance, persistence=persistence)
+                           chance=chance, persistence=persistence, fragile=fragile)
     assert sweep.expected(0.0) == 1.0 and all((b > 0).all() for b in sweep.breaks)
     for target in (0.005, 0.05, 0.2, 0.5):
         value = 1.0 - (target / 0.95) ** (1 / 0.35)
@@ -71,6 +72,20 @@ def test_the_expected_curve_is_the_mean_of_a_large_sample(chance, persistence):
         assert items.sum() / sweep.dense[0].sum() == pytest.approx(sweep.expected(s), abs=0.005)
     truth = sweep.true_crossing()
     assert 0 < truth < 0.05 and sweep.expected(truth) == pytest.approx(0.99)
+
+
+def test_fragile_items_break_uniformly_and_slow_the_decline_before_the_cliff():
+    """A 0.3 fragile share: about 30% of break points replaced by uniform draws (the rest stay the
+    folded logistic draws of the same seed), and the expected curve at 0.2, before a cliff at 0.8,
+    is 0.7 x 0.9999547 + 0.3 x (1 - 0.2) (the logistic part, by hand: 1 / (1 + e^-10) + 1 / (1 + e^(50/3)))."""
+    plain = SyntheticSweep(tasks=1, items=100_000, centre=0.8, scale=0.06, noise=0.0, seed=3)
+    fragile = SyntheticSweep(tasks=1, items=100_000, centre=0.8, scale=0.06, noise=0.0, seed=3, fragile=0.3)
+    changed = plain.breaks[0] != fragile.breaks[0]
+    assert changed.mean() == pytest.approx(0.3, abs=0.01)
+    assert fragile.breaks[0][changed].mean() == pytest.approx(0.5, abs=0.01)  # uniform on [0, 1]
+    assert (plain.dense[0] == fragile.dense[0]).all()
+    assert plain.expected(0.2) == pytest.approx(0.9999547, abs=1e-7)
+    assert fragile.expected(0.2) == pytest.approx(0.7 * 0.9999547 + 0.3 * 0.8, abs=1e-7)
 
 
 def test_summary_rates_match_a_hand_count():
@@ -189,3 +204,7 @@ def test_calibration_records_and_prints_the_guess_settings():
         check_calibration_settings([30], [0.1], 10, persistence=1.5)
     with pytest.raises(ValueError, match="--chance"):
         check_calibration_settings([30], [0.1], 10, chance=0.0)
+    with pytest.raises(ValueError, match="--fragile"):
+        check_calibration_settings([30], [0.1], 10, fragile=-0.1)
+    fragile = calibrate(100, 0.2, sweeps=2, iterations=100, fragile=0.05)
+    assert fragile["fragile"] == 0.05 and "| 100 | 0.2 | 0.06, 0.05 fragile |" in markdown_table([fragile])
