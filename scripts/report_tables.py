@@ -5,6 +5,7 @@
     python scripts/report_tables.py --item-estimate GRID_FOLDER [TARGET_HALFWIDTH (default 0.05)]
     python scripts/report_tables.py --models GRID_FOLDER_A GRID_FOLDER_B
     python scripts/report_tables.py --cell-time FOLDER_BEFORE FOLDER_AFTER
+    python scripts/report_tables.py --flips GRID_FOLDER [MAX_SPARSITY (default 0.45)]
 """
 
 from __future__ import annotations
@@ -265,7 +266,44 @@ def cell_time_tables(folder_a: Path, folder_b: Path) -> None:
               f"({largest['task']}, {largest['site']}, p={largest['value']:g}).")
 
 
+def flips_table(folder: Path, max_sparsity: float) -> None:
+    """Per site of a finished sweep: how many items differ from dense along the grid, and how many
+    of those still differ at the next grid value (``common.analysis.flips``)."""
+    from common.analysis.flips import site_flips
+
+    store, spec, frame = _sweep(folder)
+    print(f"Items whose answer differs from dense (lost or gained), {spec.model} ({folder.name}), grid values up to "
+          f"measured sparsity {max_sparsity:g}: the share at each value, and the share of them that still differ at "
+          "the next sparser value (independent draws would keep about the flip rate).\n")
+    print("| site | values | flip rate | kept at the next value: median (range) |")
+    print("|---|---|---|---|")
+    for site in spec.sites:
+        row = site_flips(store, spec, frame, site, max_sparsity)
+        rates = [r for r in row["flip_rate"] if r > 0]
+        kept = [k for k in row["persistence"] if not math.isnan(k)]
+        if not kept:
+            print(f"| {site} | {len(row['sparsity'])} | - | - |")
+            continue
+        print(f"| {site} | {len(row['sparsity'])} | {min(rates):.3f} to {max(rates):.3f} | "
+              f"{sorted(kept)[len(kept) // 2]:.2f} ({min(kept):.2f} to {max(kept):.2f}) |")
+    print()
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--flips"]:
+        folder = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+        if folder is None or not ((folder / "critical.json").is_file() and (folder / "tidy.csv").is_file()):
+            raise SystemExit(f"error: --flips needs a finished sweep folder (with critical.json and tidy.csv); "
+                             f"got {folder}")
+        try:
+            max_sparsity = float(sys.argv[3]) if len(sys.argv) > 3 else 0.45
+        except ValueError:
+            max_sparsity = math.nan
+        if not 0 < max_sparsity <= 1:
+            raise SystemExit(f"error: --flips' highest measured sparsity must be a number in (0, 1], e.g. 0.45; "
+                             f"got {sys.argv[3]}")
+        flips_table(folder, max_sparsity)
+        return
     if sys.argv[1:2] == ["--cell-time"]:
         folders = [Path(f) for f in sys.argv[2:4]]
         if len(folders) != 2 or not all((f / "cells").is_dir() for f in folders):
@@ -304,7 +342,7 @@ def main() -> None:
     if not sys.argv[1:] or empty:
         raise SystemExit("error: name finished result folders (with critical.json or experts.json)"
                          f"{' (not one: ' + ', '.join(empty) + ')' if empty else ''}, or start with --search-vs-grid, "
-                         "--item-estimate, --models or --cell-time")
+                         "--item-estimate, --models, --cell-time or --flips")
     for name in sys.argv[1:]:
         folder = Path(name)
         if (folder / "experts.json").is_file():
