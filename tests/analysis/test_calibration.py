@@ -208,3 +208,17 @@ def test_calibration_records_and_prints_the_guess_settings():
         check_calibration_settings([30], [0.1], 10, fragile=-0.1)
     fragile = calibrate(100, 0.2, sweeps=2, iterations=100, fragile=0.05)
     assert fragile["fragile"] == 0.05 and "| 100 | 0.2 | 0.06, 0.05 fragile |" in markdown_table([fragile])
+
+
+def test_on_curves_shaped_like_real_ones_a_second_grid_rarely_agrees():
+    """The report's reading of the real-like rows, on 30 sweeps of 50 items per task: persistent
+    flips (the same sweeps otherwise) bring a replicate grid within one grid step of the grid less
+    often (10 of 30 against 17), the search stays well above the replicate (23 of 30), and the
+    grid's interval is wide, as on the real grids."""
+    settings = {"sweeps": 30, "iterations": 200, "chance": 0.5, "fragile": 0.05}
+    persistent = calibrate(50, 0.2, persistence=0.8, **settings)
+    independent = calibrate(50, 0.2, persistence=0.0, **settings)
+    assert persistent["crossed"] == independent["crossed"] == 30
+    assert persistent["replicate_within_one_grid_step"] <= independent["replicate_within_one_grid_step"] - 0.15
+    assert persistent["search_within_one_grid_step"] >= persistent["replicate_within_one_grid_step"] + 0.3
+    assert persistent["median_interval_width"]["grid"] > 0.2
