@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -285,7 +286,7 @@ def flips_table(folder: Path, max_sparsity: float) -> None:
             print(f"| {site} | {len(row['sparsity'])} | - | - |")
             continue
         print(f"| {site} | {len(row['sparsity'])} | {min(rates):.3f} to {max(rates):.3f} | "
-              f"{sorted(kept)[len(kept) // 2]:.2f} ({min(kept):.2f} to {max(kept):.2f}) |")
+              f"{statistics.median(kept):.2f} ({min(kept):.2f} to {max(kept):.2f}) |")
     print()
 
 

@@ -127,8 +127,7 @@ def calibrate(items: int, noise: float, sweeps: int = 100, tasks: int = 4, thres
         if row is not None:
             rows.append({"seed": seed, "centre": centre, **row})
     return {"items": items, "noise": noise, "chance": chance, "persistence": persistence, "fragile": fragile,
-            "scale": scale,
-            "spread": spread, "tasks": tasks, "sweeps": sweeps, "budget": budget, "width": width,
+            "scale": scale, "spread": spread, "tasks": tasks, "sweeps": sweeps, "budget": budget, "width": width,
             "iterations": iterations, **summarize(rows), "rows": rows}
 
 
