@@ -13,11 +13,6 @@ This search uses every evaluation made so far:
    value of the sweep's grid inside the gap if there is one (a search then sees the grid's
    points and reuses a grid's cells; finer values only where the grid has none);
 
-With ``spread`` > 0 that share of the placement weight is spread evenly over the range the
-bootstrap interval and the band cover together (an exploring placement: it reaches bumps of the
-curve the bootstrap crossings do not point at); the calibration measures what it buys (more
-honest bootstrap intervals) and costs (less agreement with the full grid), so the default is 0;
-
 until the interval, the gap around the crossing and, where the caller gives one, the band
 interval (the curve shifted down and up by 1.96 standard errors at every point,
 ``common.analysis.critical.band_crossings``) are all narrower than ``width`` (in measured
@@ -26,6 +21,11 @@ have changed: there the bootstrap interval is too narrow (``scripts/search_calib
 and a search that stopped on it alone would call a noisy crossing converged. The PPL-p%
 criterion runs the same search on the perplexity ratio (documents resampled), starting from the
 values the accuracy search evaluated (their perplexity cells exist already).
+
+With ``spread`` > 0 that share of the placement weight in step 3 is spread evenly over the range
+the bootstrap interval and the band cover together (an exploring placement: it reaches bumps of
+the curve the bootstrap crossings do not point at). The calibration measures what it buys (more
+honest bootstrap intervals) and costs (less agreement with the full grid), so the default is 0.
 
 ``stopped`` says why a search ended: ``converged`` (interval, gap and band narrower than the width),
 ``budget`` (the interval is the honest answer at this item count), ``never_reached`` (below the
@@ -136,9 +136,8 @@ def noise_aware_search(evaluate: Evaluate, curves: Curves, threshold: float = 0.
     progress.close()
     values = fit["values"]
     return {"label": label, "threshold": threshold, "width": width, "budget": budget, "spread": spread,
-            "status": fit["status"],
-            "crossing": fit["crossing"], "interval": fit["interval"], "band": fit["band"], "bracket": fit["bracket"],
-            "stopped": stopped,
+            "status": fit["status"], "crossing": fit["crossing"], "interval": fit["interval"], "band": fit["band"],
+            "bracket": fit["bracket"], "stopped": stopped,
             "values_evaluated": len(values), "new_values": new, "order": order, "history": history,
             "critical": critical_sparsity(fit["sparsity"], fit["normalized"], threshold, values).as_dict(),
             "points": [{"value": v, "sparsity": s, "normalized": n, "fitted": f} for v, s, n, f in

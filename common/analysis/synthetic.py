@@ -57,8 +57,10 @@ class SyntheticSweep:
                 uniform, which = early.random(items), early.random(items) < fragile
                 breaks[which] = uniform[which]
         self.calls: list[float] = []
-        own = np.random.default_rng([self.seed, zlib.crc32(b"persistent"), replicate])
-        self.own_draws = [(own.random(items), own.random(items)) for _ in range(tasks)] if persistence else None
+        self.own_draws = None  # per task: each item's own (when, what) guess draws, for this replicate
+        if persistence:
+            own = np.random.default_rng([self.seed, zlib.crc32(b"persistent"), replicate])
+            self.own_draws = [(own.random(items), own.random(items)) for _ in range(tasks)]
 
     def replica(self) -> "SyntheticSweep":
         """The same items with the next replicate's chance guesses."""
