@@ -6,6 +6,7 @@
     python scripts/report_tables.py --models GRID_FOLDER_A GRID_FOLDER_B
     python scripts/report_tables.py --cell-time FOLDER_BEFORE FOLDER_AFTER
     python scripts/report_tables.py --flips GRID_FOLDER [MAX_SPARSITY (default 0.45)]
+    python scripts/report_tables.py --replicates GRID_FOLDER OTHER_GRID_FOLDER [...]
 """
 
 from __future__ import annotations
@@ -290,7 +291,54 @@ def flips_table(folder: Path, max_sparsity: float) -> None:
     print()
 
 
+def replicates_table(folders: list[Path]) -> None:
+    """Grids of one model on the same items with other rounding: each site's task-average isotonic
+    crossing against the first grid's, within one of the first grid's steps or not."""
+    from common.analysis.replicates import replicate_agreement, task_average_sparsity
+
+    summaries = [json.loads((f / "critical.json").read_text()) for f in folders]
+    by_site = [{c["site"]: (c.get("task_average_curve", {}).get("isotonic") or {}) for c in s["critical"]}
+               for s in summaries]
+    frame = _sweep(folders[0])[2]
+    print(f"Task-average isotonic crossing [95% interval] of each grid on the same items, against the first "
+          f"({folders[0].name}): the difference, the first grid's step (in measured sparsity) at its crossing, "
+          "and whether the difference is at most one step.\n")
+    print("| site | " + " | ".join(f.name for f in folders) + " | step | within one step |")
+    print("|---|" + "---|" * (len(folders) + 2))
+    within = readings = 0
+    for site in summaries[0]["spec"]["sites"]:
+        readings_here = [by_site[k].get(site, {}) for k in range(len(folders))]
+        crossings = [r.get("crossing") for r in readings_here]
+        rows = replicate_agreement(crossings, task_average_sparsity(frame, site))
+        cells = ["-" if c is None else f"{c:.3f} [{_fmt(r['interval'][0])}, {_fmt(r['interval'][1])}]"
+                 for c, r in zip(crossings, readings_here)]
+        cells[1:] = [cell if row["difference"] is None else f"{cell} ({row['difference']:+.3f})"
+                     for cell, row in zip(cells[1:], rows)]
+        verdicts = ["-" if row["within_one_step"] is None else ("yes" if row["within_one_step"] else "no")
+                    for row in rows]
+        within += sum(row["within_one_step"] is True for row in rows)
+        readings += sum(row["within_one_step"] is not None for row in rows)
+        step = rows[0]["step"] if rows else None
+        print(f"| {site} | " + " | ".join(cells) + f" | {_fmt(step)} | {', '.join(verdicts)} |")
+    print(f"\nWithin one grid step of the first grid: {within} of {readings} site readings.\n")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--replicates"]:
+        folders = [Path(f) for f in sys.argv[2:]]
+        if len(folders) < 2 or not all((f / "critical.json").is_file() and (f / "tidy.csv").is_file()
+                                       for f in folders):
+            raise SystemExit("error: --replicates needs two or more finished sweep folders (with critical.json and "
+                             "tidy.csv), the first the reference grid")
+        specs = [json.loads((f / "critical.json").read_text())["spec"] for f in folders]
+        same = {"model", "rule", "limit", "metric", "power", "layers"}
+        scoring = [sorted(t for t in spec["tasks"] if t not in PERPLEXITY_TASKS) for spec in specs]
+        if any({k: s.get(k) for k in same} != {k: specs[0].get(k) for k in same} for s in specs) or any(
+                t != scoring[0] for t in scoring):
+            raise SystemExit("error: --replicates compares grids of one model, rule and item set (the same model, "
+                             "rule, tasks and --limit); these differ")
+        replicates_table(folders)
+        return
     if sys.argv[1:2] == ["--flips"]:
         folder = Path(sys.argv[2]) if len(sys.argv) > 2 else None
         if folder is None or not ((folder / "critical.json").is_file() and (folder / "tidy.csv").is_file()):
@@ -343,7 +391,7 @@ def main() -> None:
     if not sys.argv[1:] or empty:
         raise SystemExit("error: name finished result folders (with critical.json or experts.json)"
                          f"{' (not one: ' + ', '.join(empty) + ')' if empty else ''}, or start with --search-vs-grid, "
-                         "--item-estimate, --models, --cell-time or --flips")
+                         "--item-estimate, --models, --cell-time, --flips or --replicates")
     for name in sys.argv[1:]:
         folder = Path(name)
         if (folder / "experts.json").is_file():

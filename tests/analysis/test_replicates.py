@@ -1,0 +1,84 @@
+"""Replicate grids against a reference grid: by hand, and on stores' cells through report_tables."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from common.analysis.replicates import replicate_agreement, task_average_sparsity
+from common.analysis.report import write_report
+from common.evaluation.store import ResultStore
+from common.evaluation.sweep import DENSE, SweepRunner, SweepSpec
+
+TASKS = ["bb_general_knowledge", "bb_social_iqa"]
+GRID = [1.0, 0.9, 0.8, 0.7, 0.6]  # measured sparsity 1 - p: 0, 0.1, ..., 0.4
+ITEMS = 20  # every item correct dense: one lost item is 5% of the task
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "report_tables.py"
+
+
+def test_replicate_agreement_by_hand():
+    sparsity = [0.0, 0.1, 0.2, 0.4]
+    rows = replicate_agreement([0.15, 0.24, 0.26, None], sparsity)
+    assert [r["step"] for r in rows] == pytest.approx([0.1, 0.1, 0.1])  # the step holding 0.15
+    assert rows[0]["difference"] == pytest.approx(0.09) and rows[0]["within_one_step"] is True
+    assert rows[1]["difference"] == pytest.approx(0.11) and rows[1]["within_one_step"] is False
+    assert rows[2] == {"difference": None, "step": pytest.approx(0.1), "within_one_step": None}
+    assert replicate_agreement([0.3, 0.1], sparsity)[0]["step"] == pytest.approx(0.2)  # the last, wider step
+    assert replicate_agreement([None, 0.1], sparsity) == [{"difference": None, "step": None, "within_one_step": None}]
+
+
+def test_task_average_sparsity_is_the_mean_over_the_scoring_tasks():
+    frame = pd.DataFrame({"site": ["input"] * 4 + ["up"], "task": ["a", "b", "fables_ppl", "a", "a"],
+                          "value": [0.9, 0.9, 0.9, 1.0, 0.9], "measured_sparsity": [0.2, 0.4, 0.9, 0.0, 0.7]})
+    assert task_average_sparsity(frame, "input") == pytest.approx([0.0, 0.3])  # the perplexity task left out
+
+
+class LostItemsRunner(SweepRunner):
+    """Cells in which the first ``lost[value]`` items of each task turn wrong; measured sparsity 1 - p."""
+
+    def __init__(self, spec, store, lost):
+        super().__init__(lm=None, spec=spec, store=store, task_manager=None, verbose=False)
+        self.lost = lost
+
+    def _evaluate(self, site, value, task, items=None):
+        lost = 0 if site == DENSE else self.lost[value]
+        metric = self.spec.metric_for(task)
+        scores = [float(i >= lost) for i in range(ITEMS)]
+        sparsity = {} if site == DENSE else {site: {"element_weighted": 1 - value, "mean_over_layers": 1 - value,
+                                                          "per_layer": {"0": 1 - value}}}
+        return {"metrics": {metric: sum(scores) / ITEMS}, "seconds": 1.0, "sparsity": sparsity,
+                "items": [{"doc_id": i, metric: s, "gold": 0, "choice_logliks": [-1.0, -2.0]}
+                          for i, s in enumerate(scores)]}
+
+
+def _grid(folder: Path, lost: list[int], limit: int = ITEMS) -> Path:
+    spec = SweepSpec(model="synthetic", sites=["input"], tasks=TASKS, grid=list(GRID), limit=limit)
+    store = ResultStore(folder)
+    LostItemsRunner(spec, store, dict(zip(GRID, lost))).run_grid()
+    write_report(store, spec, folder, iterations=20)
+    return folder
+
+
+def test_report_tables_read_replicates_against_the_first_grid(tmp_path):
+    # normalized task-average curves at sparsity 0-0.4 and their 99% crossings (linear between points):
+    reference = _grid(tmp_path / "reference", [0, 0, 1, 4, 6])  # 1, 1, 0.95, 0.8, 0.7: 0.1 + 0.1 x 0.01/0.05 = 0.12
+    close = _grid(tmp_path / "close", [0, 0, 2, 4, 6])  # 1, 1, 0.9, ...: 0.11, one step of 0.1 away at most
+    far = _grid(tmp_path / "far", [0, 0, 0, 0, 2])  # 1, 1, 1, 1, 0.9: 0.31
+    tables = subprocess.run([sys.executable, str(SCRIPT), "--replicates", str(reference), str(close), str(far)],
+                            capture_output=True, text=True, check=True).stdout
+    row = next(line for line in tables.splitlines() if line.startswith("| input |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1].startswith("0.120 [") and cells[2].startswith("0.110 [") and cells[2].endswith("(-0.010)")
+    assert cells[3].startswith("0.310 [") and cells[3].endswith("(+0.190)")
+    assert cells[4:] == ["0.100", "yes, no"]
+    assert "Within one grid step of the first grid: 1 of 2 site readings." in tables
+
+
+def test_replicates_of_other_items_are_refused_in_one_line(tmp_path):
+    reference = _grid(tmp_path / "reference", [0, 0, 1, 4, 6])
+    other_items = _grid(tmp_path / "other", [0, 0, 1, 4, 6], limit=10)
+    for arguments in ([str(reference)], [str(reference), str(other_items)], [str(reference), str(tmp_path)]):
+        bad = subprocess.run([sys.executable, str(SCRIPT), "--replicates", *arguments], capture_output=True, text=True)
+        assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: --replicates")
