@@ -122,17 +122,23 @@ def moe_tables(folder: Path) -> None:
 
 
 def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
-    """Per site: the search's critical sparsity (accuracy and PPL-1%) and values against the full grid's."""
+    """Per site: the search's critical sparsity (accuracy and PPL-1%) and values against the full grid's,
+    and whether the accuracy reading lies within one of the grid's steps of the grid's (as ``--replicates``)."""
+    from common.analysis.replicates import replicate_agreement, task_average_sparsity
+
     searches = json.loads((search_folder / "search.json").read_text())
+    frame = _sweep(grid_folder)[2]
     summary = json.loads((grid_folder / "critical.json").read_text())
     grid = {c["site"]: c for c in summary["critical"]}
     scoring = [t for t in summary["spec"]["tasks"] if t not in PERPLEXITY_TASKS]
     print("Task-average accuracy criterion: isotonic crossing [95% interval], band, of the grid and of the search, "
-          "their difference and the values each evaluated (the grid's up to its early stop); PPL-1% on the "
+          "their difference, the grid's step (in measured sparsity) at its crossing and whether the difference is "
+          "at most one step, and the values each evaluated (the grid's up to its early stop); PPL-1% on the "
           "perplexity task likewise.\n")
-    print("| site | grid | search | difference | values (grid / search) | PPL-1% grid | PPL-1% search "
-          "| difference | PPL values (search) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| site | grid | search | difference | step | within one step | values (grid / search) | PPL-1% grid "
+          "| PPL-1% search | difference | PPL values (search) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    within = readings = 0
     for search in searches:
         full = grid.get(search["site"], {})
         isotonic = full.get("task_average_curve", {}).get("isotonic")
@@ -151,12 +157,17 @@ def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
         if ppl_grid and ppl_search:
             ppl_cells = (f"{reading(ppl_grid)} | {reading(ppl_search)} | "
                          f"{ppl_search['crossing'] - ppl_grid['crossing']:+.3f}")
+        agreement = replicate_agreement([isotonic["crossing"], search["crossing"]],
+                                        task_average_sparsity(frame, search["site"]))[0]
+        within, readings = within + agreement["within_one_step"], readings + 1
         print(f"| {search['site']} | {reading(isotonic)} "
-              f"| {reading(search)} | {search['crossing'] - isotonic['crossing']:+.3f} "
+              f"| {reading(search)} | {agreement['difference']:+.3f} | {agreement['step']:.3f} "
+              f"| {'yes' if agreement['within_one_step'] else 'no'} "
               f"| {grid_values} / {search['values_evaluated']} | {ppl_cells} "
               f"| {ppl_search['values_evaluated'] if ppl_search else '-'} |")
     perplexity = [t for t in summary["spec"]["tasks"] if t in PERPLEXITY_TASKS]
-    print(f"\nAn accuracy value costs {len(scoring)} scoring task cells"
+    print(f"\nWithin one grid step of the grid: {within} of {readings} sites.")
+    print(f"An accuracy value costs {len(scoring)} scoring task cells"
           + (f" + {len(perplexity)} perplexity task cell(s); a PPL-only value one cell.\n" if perplexity else ".\n"))
 
 
@@ -381,9 +392,9 @@ def main() -> None:
     if sys.argv[1:2] == ["--search-vs-grid"]:
         folders = [Path(f) for f in sys.argv[2:4]]
         if (len(folders) != 2 or not (folders[0] / "search.json").is_file()
-                or not (folders[1] / "critical.json").is_file()):
+                or not ((folders[1] / "critical.json").is_file() and (folders[1] / "tidy.csv").is_file())):
             raise SystemExit("error: --search-vs-grid needs a search folder (with search.json) and a finished grid "
-                             "folder (with critical.json)")
+                             "folder (with critical.json and tidy.csv)")
         search_vs_grid(*folders)
         return
     empty = [name for name in sys.argv[1:] if not any((Path(name) / f).is_file() for f in ("experts.json",

@@ -136,7 +136,8 @@ def test_report_tables_print_the_orderings_and_search_against_grid(tmp_path):
     versus = subprocess.run([sys.executable, str(script), "--search-vs-grid", str(tmp_path), str(store.root)],
                             capture_output=True, text=True, check=True)
     line = next(l for l in versus.stdout.splitlines() if l.startswith("| input |"))
-    assert "+0.010" in line and f"| {len(GRID)} / 3 |" in line and line.rstrip().endswith("| 4 |")
+    assert "+0.010 | 0.100 | yes |" in line and f"| {len(GRID)} / 3 |" in line and line.rstrip().endswith("| 4 |")
+    assert "Within one grid step of the grid: 1 of 1 sites." in versus.stdout
     assert ", band [0.100, open) |" in line  # an open band (stored as null) beside the search's interval
     for args, message in (([], "name finished result folders"), ([str(tmp_path / "none")], "not one: "),
                           (["--search-vs-grid", str(store.root)], "--search-vs-grid needs a search folder"),
