@@ -63,6 +63,33 @@ def choose_dtype(name: str | None, device: str) -> tuple[torch.dtype, str]:
     return torch.bfloat16, f"auto: {kind} device"
 
 
+def threads_flag(text: str) -> str | int:
+    """--threads: a positive integer or 'auto'."""
+    text = str(text)
+    if text == "auto" or (text.isdigit() and int(text) > 0):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"invalid --threads {text!r}: a positive integer or auto")
+
+
+def choose_threads(threads: str | int, device: str, shards: int, cores: int | None = None,
+                   environ=os.environ) -> tuple[int | None, str]:
+    """(CPU threads to set, or None to keep torch's own choice, why). A number always wins. 'auto'
+    gives each of N ``--shard`` processes on one CPU machine its share of the cores: N processes
+    that each start a thread per core oversubscribe them and run several times slower (a sweep
+    cell 5-10x slower with two shards on two cores). OMP_NUM_THREADS, when set, is kept; shards
+    on separate machines take --threads."""
+    if threads != "auto":
+        return int(threads), "as asked"
+    if torch.device(device).type != "cpu":
+        return None, f"auto: torch's default on {torch.device(device).type}"
+    if environ.get("OMP_NUM_THREADS"):
+        return None, f"auto: OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}"
+    if shards == 1:
+        return None, "auto: torch's default, one per core"
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores // shards), f"auto: {cores} cores shared by {shards} shards on this machine"
+
+
 def check_device(name: str | None) -> str:
     """The device to use; a one-line error for a device this machine does not have."""
     if not name:
@@ -185,6 +212,9 @@ def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int =
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or 'auto' (device_map=auto)")
     parser.add_argument("--output", default=None, help=f"results folder (default results/{study}/<model>)")
     parser.add_argument("--shard", default=None, help="K/N: this process evaluates the K-th of N cell shards")
+    parser.add_argument("--threads", type=threads_flag, default="auto",
+                        help="CPU threads of this process (default auto: the machine's cores divided among the "
+                             "--shard processes, assumed to run on this machine; OMP_NUM_THREADS is kept if set)")
     parser.add_argument("--memory-fraction", type=finite_float, default=None,
                         help="CUDA: this process uses at most this share of each GPU's memory (e.g. 0.19 for five "
                              "shard processes on one GPU); the scoring sizes its batches within it")
@@ -242,8 +272,13 @@ def sweep_settings(args, default_grid: list[float]):
     if getattr(args, "memory_fraction", None) is not None:
         limit_device_memory(args.memory_fraction, "auto" if args.device == "auto" else device)
     dtype, why = choose_dtype(args.dtype, device)
-    print(f"dtype {str(dtype).replace('torch.', '')} ({why}); device {args.device or device}")
-    return sites, tasks, parse_shard(args.shard), grid, device, dtype, "auto" if args.device == "auto" else None
+    shard = parse_shard(args.shard)
+    threads, threads_why = choose_threads(args.threads, device, shard[1])
+    if threads is not None:
+        torch.set_num_threads(threads)
+    print(f"dtype {str(dtype).replace('torch.', '')} ({why}); device {args.device or device}; "
+          f"threads {torch.get_num_threads()} ({threads_why})")
+    return sites, tasks, shard, grid, device, dtype, "auto" if args.device == "auto" else None
 
 
 def output_folder(args, study: str) -> Path:

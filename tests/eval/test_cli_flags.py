@@ -28,6 +28,36 @@ def test_an_explicit_dtype_always_wins(monkeypatch):
         flags.choose_dtype("float8", "cpu")
 
 
+def test_auto_threads_share_the_cores_among_shards_on_one_cpu_machine():
+    assert flags.choose_threads("auto", "cpu", shards=2, cores=2, environ={}) == (
+        1, "auto: 2 cores shared by 2 shards on this machine")
+    assert flags.choose_threads("auto", "cpu", shards=2, cores=16, environ={})[0] == 8
+    assert flags.choose_threads("auto", "cpu", shards=3, cores=2, environ={})[0] == 1  # never below one
+    assert flags.choose_threads("auto", "cpu", shards=1, cores=2, environ={})[0] is None  # torch's own choice
+    assert flags.choose_threads("auto", "cpu", shards=2, cores=2, environ={"OMP_NUM_THREADS": "2"}) == (
+        None, "auto: OMP_NUM_THREADS=2")
+    assert flags.choose_threads("auto", "cuda", shards=4, cores=16, environ={})[0] is None
+    assert flags.choose_threads(3, "cpu", shards=2, cores=2, environ={"OMP_NUM_THREADS": "1"}) == (3, "as asked")
+    assert flags.threads_flag("auto") == "auto" and flags.threads_flag("4") == 4
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a positive integer or auto"):
+            flags.threads_flag(bad)
+
+
+def test_sweep_settings_set_and_print_the_threads(capsys):
+    parser = argparse.ArgumentParser()
+    flags.add_sweep_arguments(parser, study="dense_sweep", default_limit=30)
+    before = torch.get_num_threads()
+    try:
+        args = parser.parse_args(["--sites", "intermediate", "--tasks", "bb_social_iqa", "--device", "cpu",
+                                  "--shard", "1/2", "--threads", "1"])
+        flags.sweep_settings(args, [1.0, 0.9])
+        assert torch.get_num_threads() == 1
+        assert capsys.readouterr().out.rstrip().endswith("; threads 1 (as asked)")
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_cuda_is_one_line():
     with pytest.raises(ValueError, match="CUDA is not available"):
