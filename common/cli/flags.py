@@ -75,9 +75,9 @@ def choose_threads(threads: str | int, device: str, shards: int, cores: int | No
                    environ=os.environ) -> tuple[int | None, str]:
     """(CPU threads to set, or None to keep torch's own choice, why). A number always wins. 'auto'
     gives each of N ``--shard`` processes on one CPU machine its share of the cores: N processes
-    that each start a thread per core oversubscribe them and run several times slower (a sweep
-    cell 5-10x slower with two shards on two cores). OMP_NUM_THREADS, when set, is kept; shards
-    on separate machines take --threads."""
+    that each start a thread per core oversubscribe them (two on two cores: 2.3-2.5x slower,
+    ``benchmarks/bench_shard_threads.py``). OMP_NUM_THREADS, when set, is kept; shards on separate
+    machines take --threads."""
     if threads != "auto":
         return int(threads), "as asked"
     if torch.device(device).type != "cpu":
