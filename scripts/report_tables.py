@@ -127,7 +127,7 @@ def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
     from common.analysis.replicates import replicate_agreement, task_average_sparsity
 
     searches = json.loads((search_folder / "search.json").read_text())
-    frame = _sweep(grid_folder)[2]
+    frame = _tidy(grid_folder)
     summary = json.loads((grid_folder / "critical.json").read_text())
     grid = {c["site"]: c for c in summary["critical"]}
     scoring = [t for t in summary["spec"]["tasks"] if t not in PERPLEXITY_TASKS]
@@ -206,13 +206,18 @@ def _spec(folder: Path):
     return SweepSpec(**json.loads((folder / "critical.json").read_text())["spec"])
 
 
-def _sweep(folder: Path):
-    """(store, spec, tidy frame) of a finished sweep folder."""
+def _tidy(folder: Path):
+    """A finished sweep folder's per-cell table (``tidy.csv``)."""
     import pandas as pd
 
+    return pd.read_csv(folder / "tidy.csv")
+
+
+def _sweep(folder: Path):
+    """(store, spec, tidy frame) of a finished sweep folder."""
     from common.evaluation.store import ResultStore
 
-    return ResultStore(folder), _spec(folder), pd.read_csv(folder / "tidy.csv")
+    return ResultStore(folder), _spec(folder), _tidy(folder)
 
 
 def models_tables(folder_a: Path, folder_b: Path) -> None:
@@ -310,7 +315,7 @@ def replicates_table(folders: list[Path]) -> None:
     summaries = [json.loads((f / "critical.json").read_text()) for f in folders]
     by_site = [{c["site"]: (c.get("task_average_curve", {}).get("isotonic") or {}) for c in s["critical"]}
                for s in summaries]
-    frame = _sweep(folders[0])[2]
+    frame = _tidy(folders[0])
     print(f"Task-average isotonic crossing [95% interval] of each grid on the same items, against the first "
           f"({folders[0].name}): the difference, the first grid's step (in measured sparsity) at its crossing, "
           "and whether the difference is at most one step.\n")
