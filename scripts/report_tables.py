@@ -124,7 +124,7 @@ def moe_tables(folder: Path) -> None:
 def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
     """Per site: the search's critical sparsity (accuracy and PPL-1%) and values against the full grid's,
     and whether the accuracy reading lies within one of the grid's steps of the grid's (as ``--replicates``)."""
-    from common.analysis.replicates import replicate_agreement, task_average_sparsity
+    from common.analysis.replicates import grid_sparsity, replicate_agreement
 
     searches = json.loads((search_folder / "search.json").read_text())
     frame = _tidy(grid_folder)
@@ -158,7 +158,7 @@ def search_vs_grid(search_folder: Path, grid_folder: Path) -> None:
             ppl_cells = (f"{reading(ppl_grid)} | {reading(ppl_search)} | "
                          f"{ppl_search['crossing'] - ppl_grid['crossing']:+.3f}")
         agreement = replicate_agreement([isotonic["crossing"], search["crossing"]],
-                                        task_average_sparsity(frame, search["site"]))[0]
+                                        grid_sparsity(frame, search["site"]))[0]
         within, readings = within + agreement["within_one_step"], readings + 1
         print(f"| {search['site']} | {reading(isotonic)} "
               f"| {reading(search)} | {agreement['difference']:+.3f} | {agreement['step']:.3f} "
@@ -310,7 +310,7 @@ def flips_table(folder: Path, max_sparsity: float) -> None:
 def replicates_table(folders: list[Path]) -> None:
     """Grids of one model on the same items with other rounding: each site's task-average isotonic
     crossing against the first grid's, within one of the first grid's steps or not."""
-    from common.analysis.replicates import replicate_agreement, task_average_sparsity
+    from common.analysis.replicates import grid_sparsity, replicate_agreement
 
     summaries = [json.loads((f / "critical.json").read_text()) for f in folders]
     by_site = [{c["site"]: (c.get("task_average_curve", {}).get("isotonic") or {}) for c in s["critical"]}
@@ -325,7 +325,7 @@ def replicates_table(folders: list[Path]) -> None:
     for site in summaries[0]["spec"]["sites"]:
         readings_here = [by_site[k].get(site, {}) for k in range(len(folders))]
         crossings = [r.get("crossing") for r in readings_here]
-        rows = replicate_agreement(crossings, task_average_sparsity(frame, site))
+        rows = replicate_agreement(crossings, grid_sparsity(frame, site))
         cells = ["-" if c is None else f"{c:.3f} [{_fmt(r['interval'][0])}, {_fmt(r['interval'][1])}]"
                  for c, r in zip(crossings, readings_here)]
         cells[1:] = [cell if row["difference"] is None else f"{cell} ({row['difference']:+.3f})"

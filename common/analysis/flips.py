@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from common.analysis.orderings import values_every_task_has
+from common.analysis.orderings import task_average_sparsity
 from common.evaluation.store import ResultStore
 from common.evaluation.sweep import DENSE, SweepSpec
 from common.evaluation.tasks import PERPLEXITY_TASKS
@@ -37,12 +37,10 @@ def site_flips(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, site: s
     tasks = [t for t in spec.tasks if t not in PERPLEXITY_TASKS]
     dense = {t: np.array([i[spec.metric_for(t)] for i in store.get(spec.key(DENSE, 1.0, t))["items"]]) for t in tasks}
     tasks = [t for t in tasks if set(np.unique(dense[t])) <= {0.0, 1.0}]
-    rows = frame[(frame.site == site) & frame.task.isin(tasks)]
-    values = values_every_task_has(rows, site, tasks)
-    if not tasks or not values:
+    sparsity = task_average_sparsity(frame, site, tasks)
+    if not tasks or sparsity.empty:
         return {"site": site, "sparsity": [], "flip_rate": [], "persistence": []}
-    sparsity = rows[rows.value.isin(values)].groupby("value").measured_sparsity.mean()
-    points = sorted((float(sparsity.loc[v]), v) for v in values if sparsity.loc[v] <= max_sparsity)
+    points = sorted((float(s), v) for v, s in sparsity.items() if s <= max_sparsity)
     flips = [np.concatenate([np.array([i[spec.metric_for(t)] for i in store.get(spec.key(site, v, t))["items"]])
                              != dense[t] for t in tasks]) for _, v in points]
     return {"site": site, "sparsity": [s for s, _ in points], "flip_rate": [float(f.mean()) for f in flips],

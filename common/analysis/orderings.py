@@ -58,6 +58,15 @@ def values_every_task_has(frame: pd.DataFrame, site: str, tasks) -> list[float]:
     return sorted(present[present == len(tasks)].index)
 
 
+def task_average_sparsity(frame: pd.DataFrame, site: str, tasks) -> pd.Series:
+    """Measured sparsity of ``site``'s task-average curve: at each rule value every one of ``tasks``
+    has (``values_every_task_has``), the mean over the tasks; indexed by value, ascending."""
+    tasks = list(tasks)
+    values = values_every_task_has(frame, site, tasks)
+    rows = frame[(frame.site == site) & frame.task.isin(tasks) & frame.value.isin(values)]
+    return rows.groupby("value").measured_sparsity.mean()
+
+
 def site_curve(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, site: str, measure: str,
                iterations: int = 1000, task: str | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """(measured sparsity [points], curve [1 + resamples, points]) of one site: row 0 on all items,
@@ -99,8 +108,7 @@ def site_curve(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, site: s
         curves = np.mean(per_task, axis=0)
     else:
         raise ValueError(f"unknown measure {measure!r}: one of {', '.join(MEASURES)}")
-    sparsity = frame[(frame.site == site) & frame.task.isin(tasks)].groupby("value").measured_sparsity.mean()
-    return sparsity.loc[values].to_numpy(), curves
+    return task_average_sparsity(frame, site, tasks).loc[values].to_numpy(), curves
 
 
 def _at_level(sparsity: np.ndarray, curves: np.ndarray, level: float) -> np.ndarray:

@@ -14,14 +14,15 @@ import numpy as np
 import pandas as pd
 
 from common.analysis.calibration import grid_step_at
+from common.analysis.orderings import task_average_sparsity
 from common.evaluation.tasks import PERPLEXITY_TASKS
 
 
-def task_average_sparsity(frame: pd.DataFrame, site: str) -> np.ndarray:
-    """Measured sparsity of ``site``'s task-average curve at each evaluated value: the mean over the
-    multiple-choice tasks, as the curve in ``critical.json`` is built (a sweep's ``tidy.csv``)."""
-    rows = frame[(frame.site == site) & ~frame.task.isin(list(PERPLEXITY_TASKS))]
-    return np.sort(rows.groupby("value").measured_sparsity.mean().to_numpy())
+def grid_sparsity(frame: pd.DataFrame, site: str) -> np.ndarray:
+    """Measured sparsity of ``site``'s task-average accuracy curve at each grid value, ascending: the
+    multiple-choice tasks with a dense score above 0, as ``critical.json``'s curve (a sweep's ``tidy.csv``)."""
+    rows = frame[(frame.site == site) & ~frame.task.isin(list(PERPLEXITY_TASKS)) & frame.normalized.notna()]
+    return np.sort(task_average_sparsity(rows, site, rows.task.unique()).to_numpy())
 
 
 def replicate_agreement(crossings: Sequence[float | None], reference_sparsity: Sequence[float]) -> list[dict]:

@@ -20,7 +20,7 @@ from common.analysis.critical import (bootstrap_critical, bootstrap_indices, cri
                                       isotonic_crossing, isotonic_interval, mcnemar_exact, paired_bootstrap_ratio,
                                       perplexity_curves, resampled_band, task_average_curves)
 from common.analysis.item_planner import task_average_band
-from common.analysis.orderings import choice_kl_items, site_orderings, values_every_task_has
+from common.analysis.orderings import choice_kl_items, site_orderings, task_average_sparsity, values_every_task_has
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
 from common.evaluation.sweep import DENSE, SweepSpec, early_stop, measured_sparsity, perplexity
 from common.evaluation.tasks import PERPLEXITY_TASKS, primary_metric
@@ -181,7 +181,7 @@ def _task_average_isotonic(store: ResultStore, spec: SweepSpec, site: str, site_
         metric = spec.metric_for(task)
         dense_items.append([i[metric] for i in store.get(spec.key(DENSE, 1.0, task))["items"]])
         sparse_items.append([[i[metric] for i in store.get(spec.key(site, v, task))["items"]] for v in values])
-    sparsity = rows[rows.value.isin(values)].groupby("value").measured_sparsity.mean().loc[values].to_numpy()
+    sparsity = task_average_sparsity(rows, site, tasks).loc[values].to_numpy()
     return {"isotonic": _isotonic_reading(sparsity, sparse_items, dense_items, threshold, iterations)}
 
 

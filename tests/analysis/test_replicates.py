@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common.analysis.replicates import replicate_agreement, task_average_sparsity
+from common.analysis.replicates import grid_sparsity, replicate_agreement
 from common.analysis.report import write_report
 from common.evaluation.store import ResultStore
 from common.evaluation.sweep import DENSE, SweepRunner, SweepSpec
@@ -29,10 +29,15 @@ def test_replicate_agreement_by_hand():
     assert replicate_agreement([None, 0.1], sparsity) == [{"difference": None, "step": None, "within_one_step": None}]
 
 
-def test_task_average_sparsity_is_the_mean_over_the_scoring_tasks():
-    frame = pd.DataFrame({"site": ["input"] * 4 + ["up"], "task": ["a", "b", "fables_ppl", "a", "a"],
-                          "value": [0.9, 0.9, 0.9, 1.0, 0.9], "measured_sparsity": [0.2, 0.4, 0.9, 0.0, 0.7]})
-    assert task_average_sparsity(frame, "input") == pytest.approx([0.0, 0.3])  # the perplexity task left out
+def test_grid_sparsity_is_the_mean_over_the_scoring_tasks_at_values_every_task_has():
+    nan = float("nan")
+    frame = pd.DataFrame({"site": ["input"] * 8 + ["up"],
+                          "task": ["a", "b", "fables_ppl", "a", "b", "a", "c", "c", "a"],
+                          "value": [0.9, 0.9, 0.9, 1.0, 1.0, 0.8, 0.9, 1.0, 0.9],
+                          "measured_sparsity": [0.2, 0.4, 0.9, 0.0, 0.0, 0.5, 0.8, 0.0, 0.7],
+                          "normalized": [1.0, 0.9, 1.0, 1.0, 1.0, 0.8, nan, nan, 0.9]})
+    # left out: the perplexity task, task c (no dense score: no normalized score), p = 0.8 (task b lacks it), up
+    assert grid_sparsity(frame, "input") == pytest.approx([0.0, 0.3])
 
 
 class LostItemsRunner(SweepRunner):
