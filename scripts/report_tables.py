@@ -7,6 +7,7 @@
     python scripts/report_tables.py --cell-time FOLDER_BEFORE FOLDER_AFTER
     python scripts/report_tables.py --flips GRID_FOLDER [MAX_SPARSITY (default 0.45)]
     python scripts/report_tables.py --replicates GRID_FOLDER OTHER_GRID_FOLDER [...]
+    python scripts/report_tables.py --leave-out COUNT GRID_FOLDER [...]
 """
 
 from __future__ import annotations
@@ -339,7 +340,50 @@ def replicates_table(folders: list[Path]) -> None:
     print(f"\nWithin one grid step of the first grid: {within} of {readings} site readings.\n")
 
 
+def leave_out_table(count: int, folders: list[Path]) -> None:
+    """Each grid's task-average isotonic crossing per site, read again with every set of ``count``
+    grid values left out: the range of those readings and the sets whose absence moves it more than
+    one step."""
+    from common.analysis.replicates import grid_curve, leave_values_out
+
+    print(f"Task-average isotonic crossing of each grid, and again with every set of {count} of its values "
+          "(dense kept) left out: the range of those readings, the grid's step (in measured sparsity) at its "
+          "crossing, and the sets of values (p) whose absence moves the crossing more than one step.\n")
+    print("| grid | site | crossing | sets left out | range without them | step | moved more than one step |")
+    print("|---|---|---|---|---|---|---|")
+    moved_sites = readings = 0
+    for folder in folders:
+        frame = _tidy(folder)
+        for site in json.loads((folder / "critical.json").read_text())["spec"]["sites"]:
+            curve = grid_curve(frame, site)
+            if len(curve) < count + 2:
+                continue
+            reading = leave_values_out(curve.index, curve.sparsity, curve.normalized, count)
+            others = [row["crossing"] for row in reading["left_out"]]
+            moved = [row for row in reading["left_out"] if not row["within_one_step"]]
+            moved_sites += bool(moved)
+            readings += 1
+            named = ", ".join("p = " + " and ".join(f"{v:g}" for v in row["values"]) + f" ({row['difference']:+.3f})"
+                              for row in moved[:4])
+            print(f"| {folder.name} | {site} | {reading['crossing']:.3f} | {len(others)} | "
+                  f"{min(others):.3f} to {max(others):.3f} | {reading['step']:.3f} | "
+                  + (f"{len(moved)}: {named}{', ...' if len(moved) > 4 else ''}" if moved else "none") + " |")
+    print(f"\nLeaving out {count} value{'s' if count > 1 else ''} moves the crossing more than one grid step on "
+          f"{moved_sites} of {readings} site readings.\n")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--leave-out"]:
+        count = sys.argv[2] if len(sys.argv) > 2 else None
+        if count not in {"1", "2", "3"}:
+            raise SystemExit(f"error: --leave-out needs how many grid values to leave out at a time (1, 2 or 3) "
+                             f"before the folders; got {count}")
+        folders = [Path(f) for f in sys.argv[3:]]
+        if not folders or not all((f / "critical.json").is_file() and (f / "tidy.csv").is_file() for f in folders):
+            raise SystemExit("error: --leave-out needs one or more finished sweep folders (with critical.json and "
+                             "tidy.csv) after the count")
+        leave_out_table(int(count), folders)
+        return
     if sys.argv[1:2] == ["--replicates"]:
         folders = [Path(f) for f in sys.argv[2:]]
         if len(folders) < 2 or not all((f / "critical.json").is_file() and (f / "tidy.csv").is_file()
@@ -407,7 +451,7 @@ def main() -> None:
     if not sys.argv[1:] or empty:
         raise SystemExit("error: name finished result folders (with critical.json or experts.json)"
                          f"{' (not one: ' + ', '.join(empty) + ')' if empty else ''}, or start with --search-vs-grid, "
-                         "--item-estimate, --models, --cell-time, --flips or --replicates")
+                         "--item-estimate, --models, --cell-time, --flips, --replicates or --leave-out")
     for name in sys.argv[1:]:
         folder = Path(name)
         if (folder / "experts.json").is_file():

@@ -1,4 +1,5 @@
-"""Replicate grids against a reference grid: by hand, and on stores' cells through report_tables."""
+"""Replicate grids against a reference grid, and a grid against itself with one value left out: by
+hand, and on stores' cells through report_tables."""
 
 import subprocess
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common.analysis.replicates import grid_sparsity, replicate_agreement
+from common.analysis.replicates import grid_curve, grid_sparsity, leave_values_out, replicate_agreement
 from common.analysis.report import write_report
 from common.evaluation.store import ResultStore
 from common.evaluation.sweep import DENSE, SweepRunner, SweepSpec
@@ -38,6 +39,27 @@ def test_grid_sparsity_is_the_mean_over_the_scoring_tasks_at_values_every_task_h
                           "normalized": [1.0, 0.9, 1.0, 1.0, 1.0, 0.8, nan, nan, 0.9]})
     # left out: the perplexity task, task c (no dense score: no normalized score), p = 0.8 (task b lacks it), up
     assert grid_sparsity(frame, "input") == pytest.approx([0.0, 0.3])
+    curve = grid_curve(frame, "input")
+    assert list(curve.index) == [0.9, 1.0] and list(curve.normalized) == pytest.approx([0.95, 1.0])
+
+
+def test_leave_values_out_by_hand():
+    # fit 1, 1, 1, 1, 0.9 (0.97 and 1.03 pooled): 0.3 + 0.01 / 0.1 x 0.1 = 0.31, in a step of 0.1
+    grid = ([1.0, 0.9, 0.8, 0.7, 0.6], [0.0, 0.1, 0.2, 0.3, 0.4], [1, 1, 0.97, 1.03, 0.9])
+    reading = leave_values_out(*grid)
+    assert reading["crossing"] == pytest.approx(0.31) and reading["step"] == pytest.approx(0.1)
+    rows = {row["values"][0]: row for row in reading["left_out"]}
+    assert sorted(rows) == [0.6, 0.7, 0.8, 0.9]  # never the dense anchor
+    assert rows[0.9]["crossing"] == pytest.approx(0.31)  # 1, 0.97, 1.03, 0.9: the same pool
+    assert rows[0.8]["crossing"] == pytest.approx(0.3 + 0.02 / 0.11 * 0.1)  # 1, 1, 1.03 pooled to 1.01
+    assert rows[0.7]["crossing"] == pytest.approx(0.1 + 0.01 / 0.03 * 0.1)  # no rise left: 1, 1, 0.97, 0.9
+    assert rows[0.7]["difference"] == pytest.approx(0.4 / 3 - 0.31) and rows[0.7]["within_one_step"] is False
+    assert rows[0.6]["crossing"] == pytest.approx(0.3) and rows[0.6]["status"] == "all_above"
+    assert [rows[v]["within_one_step"] for v in (0.9, 0.8, 0.6)] == [True, True, True]
+    pairs = {tuple(row["values"]): row for row in leave_values_out(*grid, count=2)["left_out"]}
+    assert len(pairs) == 6 and (1.0, 0.9) not in pairs
+    assert pairs[(0.9, 0.8)]["crossing"] == pytest.approx(0.3 + 0.025 / 0.115 * 0.1)  # 1, 1.03 pooled to 1.015
+    assert pairs[(0.8, 0.7)]["crossing"] == pytest.approx(0.1 + 0.01 / 0.1 * 0.3)  # 1, 1, 0.9 at 0, 0.1, 0.4
 
 
 class LostItemsRunner(SweepRunner):
@@ -87,3 +109,18 @@ def test_replicates_of_other_items_are_refused_in_one_line(tmp_path):
     for arguments in ([str(reference)], [str(reference), str(other_items)], [str(reference), str(tmp_path)]):
         bad = subprocess.run([sys.executable, str(SCRIPT), "--replicates", *arguments], capture_output=True, text=True)
         assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: --replicates")
+
+
+def test_report_tables_leave_one_value_out_of_a_grid(tmp_path):
+    # 1, 1, 0.95, 1, 0.7 at sparsity 0-0.4; fit 1, 1, 0.975, 0.975, 0.7: 0.1 + 0.01 / 0.025 x 0.1 = 0.14
+    grid = _grid(tmp_path / "grid", [0, 0, 1, 0, 6])
+    tables = subprocess.run([sys.executable, str(SCRIPT), "--leave-out", "1", str(grid)],
+                            capture_output=True, text=True, check=True).stdout
+    row = next(line for line in tables.splitlines() if "| input |" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # without p = 0.9: 0.08; without 0.8 (the dip): 0.3 + 0.01 / 0.3 x 0.1 = 0.303, +0.163; without 0.7: 0.12
+    assert cells[1:] == ["input", "0.140", "4", "0.080 to 0.303", "0.100", "1: p = 0.8 (+0.163)"]
+    assert "Leaving out 1 value moves the crossing more than one grid step on 1 of 1 site readings." in tables
+    for arguments in ([str(tmp_path)], ["1", str(tmp_path)], ["0", str(grid)], []):
+        bad = subprocess.run([sys.executable, str(SCRIPT), "--leave-out", *arguments], capture_output=True, text=True)
+        assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: --leave-out")
