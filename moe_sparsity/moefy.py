@@ -138,8 +138,17 @@ def moefy(model, tokenizer, experts: int = 16, top_k: int = 8, router_scale: flo
 
 def build_moefied(alias_dir: Path, dense_name: str = "smollm2-135m", experts: int = 16, top_k: int = 14) -> Path:
     """Build (once) and cache the MoEfied model directory."""
+    from common.models.loading import cache_lock
+
     if (alias_dir / "config.json").is_file():
         return alias_dir
+    with cache_lock(alias_dir.name):  # shards started together build it once
+        if not (alias_dir / "config.json").is_file():  # another process may have built it meanwhile
+            _build_moefied(alias_dir, dense_name, experts, top_k)
+    return alias_dir
+
+
+def _build_moefied(alias_dir: Path, dense_name: str, experts: int, top_k: int) -> None:
     from common.models.loading import load_causal_lm
 
     dense, tokenizer = load_causal_lm(dense_name, dtype=torch.float32)
@@ -149,4 +158,3 @@ def build_moefied(alias_dir: Path, dense_name: str = "smollm2-135m", experts: in
     tokenizer.save_pretrained(str(partial))
     (partial / "moefication.json").write_text(json.dumps({"source": dense_name, **report}, indent=1) + "\n")
     partial.rename(alias_dir)
-    return alias_dir

@@ -24,6 +24,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from common.evaluation.store import atomic_write_text
 from common.models.hub import hub_reachable
 from common.models.loading import cache_dir
 
@@ -121,7 +122,7 @@ def offline_task_dir() -> Path:
 
 def _write_if_changed(path: Path, text: str) -> None:
     if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
+        atomic_write_text(path, text)  # a shard starting beside this one never reads half a config
 
 
 def task_manager(include_defaults: bool = False):

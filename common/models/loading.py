@@ -12,7 +12,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -22,6 +24,31 @@ from common.models.hub import hub_source
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ACTIVATION_SPARSITY_CACHE", Path.home() / ".cache" / "activation-sparsity"))
+
+
+@contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<cache>/<name>.lock`` while one process builds a cached model:
+    shard processes started together build it once, and the others wait, then read the cache
+    (without the lock, a second process read a half-assembled GGUF file and failed). No-op where
+    ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = cache_dir() / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process to finish caching {name} ({path})", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _package_dir(package: str, install: str) -> Path:
@@ -39,8 +66,10 @@ def _gguf_file(source: GGUFSource, work: Path) -> Path:
         from importlib import import_module
 
         target = work / source.file
-        if not target.is_file():
-            import_module(source.assembled_by).assemble(target)
+        if not target.is_file():  # joined under another name first: an interrupted join leaves no target
+            partial = work / "partial" / source.file
+            import_module(source.assembled_by).assemble(partial, overwrite=True)
+            os.replace(partial, target)
         return target
     path = _package_dir(source.package, source.install) / source.file
     if not path.is_file():
@@ -48,14 +77,25 @@ def _gguf_file(source: GGUFSource, work: Path) -> Path:
     return path
 
 
+def _is_cached(target: Path) -> bool:
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
 def materialize_gguf_alias(alias: str) -> Path:
     """Dequantize the alias's GGUF once into a cached safetensors directory; return it."""
+    target = cache_dir() / alias
+    if _is_cached(target):
+        return target
+    with cache_lock(alias):
+        if not _is_cached(target):  # another process may have built it while this one waited
+            _dequantize(alias, target)
+    return target
+
+
+def _dequantize(alias: str, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = lookup(alias).gguf
-    target = cache_dir() / alias
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return target
     work = cache_dir() / f"{alias}.gguf-work"
     work.mkdir(parents=True, exist_ok=True)
     gguf = _gguf_file(source, work)
@@ -76,7 +116,6 @@ def materialize_gguf_alias(alias: str) -> Path:
     os.replace(partial, target)
     if (work / source.file).is_file() and source.assembled_by:
         (work / source.file).unlink()
-    return target
 
 
 def resolve_model_path(name: str, family: str | None = None) -> str:

@@ -27,6 +27,38 @@ def _config(name: str) -> dict:
     return lookup(name).shipped_config()
 
 
+# ---- the model cache ---------------------------------------------------------------------------------------------
+
+def test_processes_started_together_build_a_cached_model_once(tmp_path, monkeypatch):
+    """Two shards resolving the same GGUF alias at once: one dequantizes, the other waits for the
+    lock and then reads the finished cache (flock conflicts between separate opens, so two threads
+    stand in for two processes)."""
+    import threading
+
+    import common.models.loading as loading
+
+    monkeypatch.setenv("ACTIVATION_SPARSITY_CACHE", str(tmp_path))
+    calls, started = [], threading.Event()
+
+    def slow_dequantize(alias, target):
+        calls.append(alias)
+        started.set()
+        time.sleep(0.5)  # the second caller arrives while the cache is still being written
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_bytes(b"weights")
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_dequantize", slow_dequantize)
+    results = []
+    first = threading.Thread(target=lambda: results.append(loading.materialize_gguf_alias("gemma3-270m")))
+    first.start()
+    started.wait(5)
+    results.append(loading.materialize_gguf_alias("gemma3-270m"))  # waits for the lock, then finds the cache
+    first.join(5)
+    assert calls == ["gemma3-270m"] and results == [tmp_path / "gemma3-270m"] * 2
+    assert (tmp_path / "gemma3-270m" / "config.json").is_file()
+
+
 # ---- one registry ------------------------------------------------------------------------------------------------
 
 def test_every_family_registers_in_the_one_registry():
