@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import statistics
 import time
 
+from common.cli.flags import usable_cores
 from common.core.sites import SITES
 
 DTYPES = ("float32", "bfloat16")
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--forwards", type=int, default=3, help="forwards per process and round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds per setting")
     args = parser.parse_args()
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     if args.shards < 2 or cores < 2:
         raise SystemExit(f"error: needs --shards 2 or more on a machine with 2 or more cores ({cores} here)")
     settings = {f"{cores} threads each (torch's default)": cores,

@@ -358,7 +358,7 @@ def leave_out_table(count: int, folders: list[Path]) -> None:
             curve = grid_curve(frame, site)
             if len(curve) < count + 2:
                 continue
-            reading = leave_values_out(curve.index, curve.sparsity, curve.normalized, count)
+            reading = leave_values_out(curve.index, curve.measured_sparsity, curve.normalized, count)
             others = [row["crossing"] for row in reading["left_out"]]
             moved = [row for row in reading["left_out"] if not row["within_one_step"]]
             moved_sites += bool(moved)

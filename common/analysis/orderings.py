@@ -58,13 +58,19 @@ def values_every_task_has(frame: pd.DataFrame, site: str, tasks) -> list[float]:
     return sorted(present[present == len(tasks)].index)
 
 
-def task_average_sparsity(frame: pd.DataFrame, site: str, tasks) -> pd.Series:
-    """Measured sparsity of ``site``'s task-average curve: at each rule value every one of ``tasks``
-    has (``values_every_task_has``), the mean over the tasks; indexed by value, ascending."""
+def task_average_points(frame: pd.DataFrame, site: str, tasks) -> pd.DataFrame:
+    """``site``'s task-average curve from per-cell rows: at each rule value every one of ``tasks``
+    has (``values_every_task_has``), the mean over the tasks of the measured sparsity and of the
+    normalized score; indexed by value, ascending."""
     tasks = list(tasks)
     values = values_every_task_has(frame, site, tasks)
     rows = frame[(frame.site == site) & frame.task.isin(tasks) & frame.value.isin(values)]
-    return rows.groupby("value").measured_sparsity.mean()
+    return rows.groupby("value")[["measured_sparsity", "normalized"]].mean()
+
+
+def task_average_sparsity(frame: pd.DataFrame, site: str, tasks) -> pd.Series:
+    """Measured sparsity of ``site``'s task-average curve (``task_average_points``), indexed by value."""
+    return task_average_points(frame, site, tasks).measured_sparsity
 
 
 def site_curve(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, site: str, measure: str,

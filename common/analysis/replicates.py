@@ -17,7 +17,7 @@ import pandas as pd
 
 from common.analysis.calibration import grid_step_at
 from common.analysis.critical import isotonic_crossing
-from common.analysis.orderings import task_average_sparsity
+from common.analysis.orderings import task_average_points
 from common.evaluation.tasks import PERPLEXITY_TASKS
 
 
@@ -26,14 +26,12 @@ def grid_curve(frame: pd.DataFrame, site: str) -> pd.DataFrame:
     normalized score at each rule value, over the multiple-choice tasks with a dense score above 0
     and the values every one of them has, as ``critical.json``'s curve; indexed by value, ascending."""
     rows = frame[(frame.site == site) & ~frame.task.isin(list(PERPLEXITY_TASKS)) & frame.normalized.notna()]
-    sparsity = task_average_sparsity(rows, site, rows.task.unique())
-    normalized = rows[rows.value.isin(sparsity.index)].groupby("value").normalized.mean()
-    return pd.DataFrame({"sparsity": sparsity, "normalized": normalized})
+    return task_average_points(rows, site, rows.task.unique())
 
 
 def grid_sparsity(frame: pd.DataFrame, site: str) -> np.ndarray:
     """Measured sparsity of ``site``'s task-average accuracy curve at each grid value, ascending."""
-    return np.sort(grid_curve(frame, site).sparsity.to_numpy())
+    return np.sort(grid_curve(frame, site).measured_sparsity.to_numpy())
 
 
 def replicate_agreement(crossings: Sequence[float | None], reference_sparsity: Sequence[float]) -> list[dict]:

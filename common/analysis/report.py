@@ -20,7 +20,8 @@ from common.analysis.critical import (bootstrap_critical, bootstrap_indices, cri
                                       isotonic_crossing, isotonic_interval, mcnemar_exact, paired_bootstrap_ratio,
                                       perplexity_curves, resampled_band, task_average_curves)
 from common.analysis.item_planner import task_average_band
-from common.analysis.orderings import choice_kl_items, site_orderings, task_average_sparsity, values_every_task_has
+from common.analysis.orderings import (choice_kl_items, site_orderings, task_average_points, task_average_sparsity,
+                                      values_every_task_has)
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
 from common.evaluation.sweep import DENSE, SweepSpec, early_stop, measured_sparsity, perplexity
 from common.evaluation.tasks import PERPLEXITY_TASKS, primary_metric
@@ -113,12 +114,10 @@ def critical_table(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, thr
             entry["tasks"][task] = {**crit.as_dict(), "interpolated_ci": [low, high], "points": len(rows),
                                     "isotonic": _isotonic_reading(rows.measured_sparsity.to_numpy(), [item_scores],
                                                                   [dense_items], threshold, iterations)}
-        scoring_rows = site_rows[site_rows.task.isin(scoring)]
-        scoring_rows = scoring_rows[scoring_rows.value.isin(
-            values_every_task_has(scoring_rows, site, scoring_rows.task.unique()))]
-        if not scoring_rows.empty:
-            average = scoring_rows.groupby("value", as_index=False)[["measured_sparsity", "normalized"]].mean()
-            average_crit = critical_sparsity(average.measured_sparsity, average.normalized, threshold, average.value)
+        average = task_average_points(site_rows, site, site_rows[site_rows.task.isin(scoring)].task.unique())
+        if not average.empty:
+            average_crit = critical_sparsity(average.measured_sparsity, average.normalized, threshold,
+                                             average.index.to_numpy())
             entry["task_average_curve"] = {**average_crit.as_dict(),
                                            **_task_average_isotonic(store, spec, site, site_rows, threshold,
                                                                     iterations)}

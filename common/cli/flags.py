@@ -71,6 +71,12 @@ def threads_flag(text: str) -> str | int:
     raise argparse.ArgumentTypeError(f"invalid --threads {text!r}: a positive integer or auto")
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the platform has one, as under Slurm
+    or taskset; else every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def choose_threads(threads: str | int, device: str, shards: int, cores: int | None = None,
                    environ=os.environ) -> tuple[int | None, str]:
     """(CPU threads to set, or None to keep torch's own choice, why). A number always wins. 'auto'
@@ -86,7 +92,7 @@ def choose_threads(threads: str | int, device: str, shards: int, cores: int | No
         return None, f"auto: OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}"
     if shards == 1:
         return None, "auto: torch's default, one per core"
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or usable_cores()
     return max(1, cores // shards), f"auto: {cores} cores shared by {shards} shards on this machine"
 
 
