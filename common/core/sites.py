@@ -11,6 +11,12 @@ Sites of a GLU FFN ``W_d((W_u x) * act(W_g x))``:
 Each site is a module (relative to one decoder layer) and whether its *output* (forward hook)
 or its first *input* (forward pre-hook) is the site tensor. Adding an architecture is adding
 a row to ``ARCHITECTURES``.
+
+Each dense row also names the linear layers of a decoder layer by the input they share
+(``LINEAR_INPUTS``): ``attention`` (q, k, v read the attention input), ``attention_output`` (o),
+``input`` (gate and up read the FFN input) and ``intermediate`` (down). The weight-aware
+criteria read the matrices that consume a site from it, and sparse execution of every linear
+layer reads where they are.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch.nn as nn
 BASE_SITES = ("input", "up", "gate", "intermediate")
 SITES = BASE_SITES + ("all_inputs",)
 SITE_GROUPS = {"all_inputs": ("input", "intermediate")}
+LINEAR_INPUTS = ("attention", "attention_output", "input", "intermediate")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,8 @@ class Architecture:
     sites: dict[str, SiteLocation] = field(default_factory=dict)
     experts: str | None = None  # fused-experts module (MoE rows); the moe_sparsity package hooks it
     router: str | None = None
+    # input group (LINEAR_INPUTS) -> the nn.Linear modules, relative to a decoder layer, that read it
+    linears: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def is_moe(self) -> bool:
@@ -54,18 +63,24 @@ _HF_GLU_SITES = {
     "gate": SiteLocation("mlp.act_fn", "output"),
     "intermediate": SiteLocation("mlp.down_proj", "input"),
 }
+_HF_GLU_LINEARS = {
+    "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attention_output": ("self_attn.o_proj",),
+    "input": ("mlp.gate_proj", "mlp.up_proj"),
+    "intermediate": ("mlp.down_proj",),
+}
 _HF_DECODER = ("model.layers",)
 # Multimodal Gemma 3 checkpoints keep the text decoder under a language_model prefix.
 _HF_MULTIMODAL_DECODER = ("model.language_model.layers", "language_model.model.layers", "model.layers")
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("llama", ("llama",), _HF_DECODER, _HF_GLU_SITES),
-    Architecture("mistral", ("mistral",), _HF_DECODER, _HF_GLU_SITES),
-    Architecture("qwen2", ("qwen2",), _HF_DECODER, _HF_GLU_SITES),
-    Architecture("qwen3", ("qwen3",), _HF_DECODER, _HF_GLU_SITES),
-    Architecture("gemma2", ("gemma2",), _HF_DECODER, _HF_GLU_SITES),
-    Architecture("gemma3_text", ("gemma3_text",), _HF_DECODER, _HF_GLU_SITES),
-    Architecture("gemma3", ("gemma3",), _HF_MULTIMODAL_DECODER, _HF_GLU_SITES),
+    Architecture("llama", ("llama",), _HF_DECODER, _HF_GLU_SITES, linears=_HF_GLU_LINEARS),
+    Architecture("mistral", ("mistral",), _HF_DECODER, _HF_GLU_SITES, linears=_HF_GLU_LINEARS),
+    Architecture("qwen2", ("qwen2",), _HF_DECODER, _HF_GLU_SITES, linears=_HF_GLU_LINEARS),
+    Architecture("qwen3", ("qwen3",), _HF_DECODER, _HF_GLU_SITES, linears=_HF_GLU_LINEARS),
+    Architecture("gemma2", ("gemma2",), _HF_DECODER, _HF_GLU_SITES, linears=_HF_GLU_LINEARS),
+    Architecture("gemma3_text", ("gemma3_text",), _HF_DECODER, _HF_GLU_SITES, linears=_HF_GLU_LINEARS),
+    Architecture("gemma3", ("gemma3",), _HF_MULTIMODAL_DECODER, _HF_GLU_SITES, linears=_HF_GLU_LINEARS),
     # LLaDA with its official module names (the hub's remote code). The model-level head is
     # also called ff_out: sites are addressed per block, so it never matches.
     Architecture(
@@ -78,6 +93,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "gate": SiteLocation("act", "output"),
             "intermediate": SiteLocation("ff_out", "input"),
         },
+        linears={"attention": ("q_proj", "k_proj", "v_proj"), "attention_output": ("attn_out",),
+                 "input": ("ff_proj", "up_proj"), "intermediate": ("ff_out",)},
     ),
     # Fused-experts MoE blocks (transformers 5): experts are 3D parameters, not modules.
     Architecture("qwen3_moe", ("qwen3_moe",), _HF_DECODER, experts="mlp.experts", router="mlp.gate"),
@@ -164,3 +181,17 @@ def site_module_names(model: nn.Module, sites, layers=None) -> dict[tuple[int, s
             loc = arch.sites[site]
             out[(layer, site)] = (f"{prefix}.{layer}.{loc.module}", loc.tensor)
     return out
+
+
+def linear_module_names(model: nn.Module, group: str, layers=None) -> dict[int, tuple[str, ...]]:
+    """Map layer -> the full names of the nn.Linear modules that read input ``group`` (one of
+    ``LINEAR_INPUTS``; the FFN sites ``input`` and ``intermediate`` are groups too)."""
+    if group not in LINEAR_INPUTS:
+        raise ValueError(f"unknown linear input group {group!r}; choose from {', '.join(LINEAR_INPUTS)}")
+    arch = detect_architecture(model)
+    if group not in arch.linears:
+        raise ValueError(f"the site table row {arch.name!r} names no linear layers for {group!r} "
+                         "(add them to its linears in common.core.sites.ARCHITECTURES)")
+    prefix = layer_list_path(model, arch)
+    return {layer: tuple(f"{prefix}.{layer}.{name}" for name in arch.linears[group])
+            for layer in resolve_layers(model, layers, arch)}
