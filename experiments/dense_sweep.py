@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from common.cli import add_sweep_arguments, finite_float, output_folder, positive_int, run_main, sweep_settings
+from common.cli import add_sweep_arguments, output_folder, positive_float, positive_int, run_main, sweep_settings
 from common.evaluation.sweep import PAPER_DENSE_GRID
 from common.evaluation.tasks import PERPLEXITY_TASK
 
@@ -25,7 +25,8 @@ def parse_args() -> argparse.Namespace:
                         "llama3.2-1b, qwen2.5-0.5b, ...), hub id or local directory")
     add_sweep_arguments(parser, "dense_sweep", default_limit=50)
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="sparsify only these layers")
-    parser.add_argument("--ppl-percent", type=finite_float, default=1.0, help="PPL-p%% criterion: allowed perplexity rise")
+    parser.add_argument("--ppl-percent", type=positive_float, default=1.0,
+                        help="PPL-p%% criterion: allowed perplexity rise in percent (above 0)")
     parser.add_argument("--effective-rank", action="store_true", help="effective rank per layer and site (dense)")
     parser.add_argument("--mc-num", type=positive_int, default=128, help="LLaDA: Monte Carlo samples per likelihood")
     parser.add_argument("--rehearse", action="store_true", help="run the whole study on a small random-weight "
@@ -46,6 +47,7 @@ def main() -> None:
     from common.models.loading import load_causal_lm
 
     sites, tasks, shard, grid, device, dtype, device_map = sweep_settings(args, PAPER_DENSE_GRID)
+    from common.models.loading import check_model_name
     from common.models.plan import print_plan
     from common.cli.rehearsal import mark_rehearsal
     from common.models.replica import rehearsal_model
@@ -56,6 +58,7 @@ def main() -> None:
         replica, replica_tokenizer, args.model = rehearsal_model(real_name, None, dtype, device)
         dtype = replica.dtype
     else:
+        check_model_name(args.model)  # before the plan and the results folder
         print_plan(args.model, dtype, device_map or device, args.batch_size)
     output = output_folder(args, "dense_sweep")
     store = open_store(output, dtype, device_map or device, args.allow_mixed)

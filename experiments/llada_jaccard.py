@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from common.cli import check_device, choose_dtype, output_folder, run_main
+from common.cli.flags import check_thread_environment
 from common.core.sites import SITES
 from common.models.aliases import lookup
 from llada_sparsity.modeling import load_llada
@@ -79,6 +80,7 @@ def main() -> None:
                          reuse=args.reuse, dump_every=args.dump_every, batch_size=args.batch_size,
                          paper_compat=args.paper_compat)
     study.validate()
+    check_thread_environment()
     study.check_length(_max_positions_on_disk(real_name))
     prompts = read_prompts(args.prompts, args.limit)
     device = check_device(None if args.device == "auto" else args.device)

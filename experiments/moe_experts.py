@@ -47,6 +47,7 @@ def main() -> None:
     if args.critical_value is not None:
         validate_rule(args.rule, args.critical_value, args.power)
         grid = sorted(set(grid) | {args.critical_value}, reverse=True)  # its cells are needed for the expert tables
+    from common.models.loading import check_model_name
     from common.models.plan import print_plan
     from common.cli.rehearsal import mark_rehearsal
     from common.models.replica import rehearsal_model
@@ -57,6 +58,7 @@ def main() -> None:
                                                        experts_implementation=args.experts_implementation)
         dtype = model.dtype
     else:
+        check_model_name(args.model, "moe")  # before the plan and the results folder
         print_plan(args.model, dtype, device_map or device, args.batch_size, family="moe")
     output = output_folder(args, "moe_experts")
     store = open_store(output, dtype, device_map or device, args.allow_mixed)
@@ -82,7 +84,8 @@ def main() -> None:
         for row in entry["per_layer_pooled"]:
             print(f"  layer {row['layer']:>2}: {row['min']:.3f} / {row['mean']:.3f} / {row['max']:.3f} "
                   f"(std {row['std']:.3f}, {row['experts_unrouted']} unrouted)")
-    print(f"results: {output}/experts.json, expert_layers_*.csv, critical.json, figures/")
+    tables = ", ".join(f"expert_layers_{site}.csv" for site in experts)
+    print(f"results: {output}/experts.json, {tables + ', ' if tables else ''}critical.json, figures/")
 
 
 if __name__ == "__main__":

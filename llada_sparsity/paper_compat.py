@@ -10,6 +10,10 @@ model and the computation.
 Padding is excluded: padded positions enter the flattened row as zeros (which a top-p never
 keeps and which add nothing to its sums) and are never kept, so a padded batch selects what
 each sequence alone would.
+
+A sequence whose real activations hold a NaN or an infinity is the flattened rule's row: it
+passes through unsparsified, as a non-finite row does under the per-token rule, and all its
+tokens are counted as non-finite rows, not as sparsity.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from common.core.hooks import Sparsifier, call_arguments, call_attention_mask
-from common.core.rules import keep_mask
+from common.core.rules import NONFINITE, keep_mask
 
 PAPER_COMPAT_RULES = ("topp",)
 
@@ -56,5 +60,8 @@ class FlattenedSparsifier(Sparsifier):
 
     def transform(self, layer: int, site: str, tensor: torch.Tensor) -> torch.Tensor:
         mask = flattened_keep_mask(tensor, self.rule, self.value, self.power, self._real)
-        self.recorder.record(layer, site, tensor, mask)
+        real = tensor if self._real is None else tensor.masked_fill(~self._real.bool().unsqueeze(-1), 0)
+        passed = ~torch.isfinite(real).flatten(1).all(dim=-1)  # [B]: sequences the rule passes through
+        kept = mask.sum(dim=-1, dtype=torch.int32).masked_fill_(passed.unsqueeze(-1), NONFINITE)
+        self.recorder.record(layer, site, tensor, mask, kept=kept)
         return tensor.masked_fill(~mask, 0)

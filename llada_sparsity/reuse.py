@@ -85,6 +85,7 @@ class ReusedMaskSparsifier(Sparsifier):
             mask = cached.clone()
             mask[rows] = keep_mask(tensor[rows], self.rule, self.value, self.power)
         self.cache[key] = mask
+        mask = mask | ~torch.isfinite(tensor).all(dim=-1, keepdim=True)  # a reused mask never cuts a non-finite row
         self.recorder.record(layer, site, tensor, mask)
         return apply_mask(tensor, mask)
 

@@ -204,7 +204,8 @@ def run_study(model, tokenizer, study: JaccardStudy, prompts: list[str], output:
                     store.put(study.key(prompt, computation), result)
                 progress.update(len(batch))
     results = {c: [store.get(study.key(p, c)) for p in prompts] for c in computations}
-    return aggregate(results, study, output, {"provenance": provenance, "store_commits": store.commits()})
+    return aggregate(results, study, output, {"provenance": provenance, "store_commits": store.commits(),
+                                                "store_versions": store.versions()})
 
 
 def _tables(results: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -313,6 +314,10 @@ def read_prompts(path: str | None, limit: int | None) -> list[str]:
     if limit is not None and limit < 0:
         raise ValueError(f"--limit must be >= 0 (0 = all prompts), got {limit}")
     source = Path(path) if path else Path(__file__).parent / "data" / "prompts.jsonl"
+    if source.is_dir():
+        raise ValueError(f"--prompts {source} is a folder; give a .txt (one prompt per line) or .jsonl file")
+    if source.exists() and not source.is_file():
+        raise ValueError(f"--prompts {source} is not a regular file; give a .txt (one prompt per line) or .jsonl file")
     if not source.is_file():
         raise FileNotFoundError(f"prompt file {source} does not exist; pass --prompts with a .txt or .jsonl file")
     try:

@@ -13,13 +13,25 @@ from common.core.recorder import SparsityRecorder
 
 
 def expert_totals(kept_slots: torch.Tensor, weight: torch.Tensor, top_k_index: torch.Tensor,
-                  num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept entries [E], routed tokens [E]) from kept counts per (token, slot) and 0/1 slot weights."""
+                  num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kept entries [E], routed tokens [E], routed rows passed through for a NaN or an infinity
+    [E]) from kept counts per (token, slot) (``NONFINITE`` for such rows) and 0/1 slot weights."""
     experts = top_k_index.reshape(-1)
     weight = weight.reshape(-1).long()
+    kept_slots = kept_slots.reshape(-1).long()
     zeros = torch.zeros(num_experts, dtype=torch.long, device=experts.device)
-    kept = zeros.index_add(0, experts, kept_slots.reshape(-1).long() * weight)
-    return kept, zeros.index_add(0, experts, weight)
+    kept = zeros.index_add(0, experts, kept_slots.clamp_min(0) * weight)
+    nonfinite = zeros.index_add(0, experts, (kept_slots < 0).long() * weight)
+    return kept, zeros.index_add(0, experts, weight), nonfinite
+
+
+def add_expert_totals(recorder: SparsityRecorder, layer: int, site: str, kept_slots: torch.Tensor,
+                      weight: torch.Tensor, top_k_index: torch.Tensor, num_experts: int, width: int,
+                      context: dict | None = None) -> None:
+    """Add one call's per-expert totals to ``recorder``: rows passed through for a NaN or an
+    infinity count as routed and non-finite, not as counted entries."""
+    kept, routed, nonfinite = expert_totals(kept_slots, weight, top_k_index, num_experts)
+    recorder.add_expert_counts(layer, site, kept, (routed - nonfinite) * width, routed, nonfinite, context)
 
 
 class PerTokenExpertCounts:
@@ -42,5 +54,5 @@ class PerTokenExpertCounts:
     def commit_row(self, row: int, length: int, recorder: SparsityRecorder) -> None:
         span = slice(row * self.length, row * self.length + length)
         for (layer, site), (kept, selected, top_k_index, width) in self.calls.items():
-            kept_total, routed = expert_totals(kept[span], selected[span], top_k_index[span], self.num_experts)
-            recorder.add_expert_counts(layer, site, kept_total, routed * width, routed, {})
+            add_expert_totals(recorder, layer, site, kept[span], selected[span], top_k_index[span], self.num_experts,
+                              width, {})

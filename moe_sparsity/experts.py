@@ -34,7 +34,7 @@ from common.core.recorder import SparsityRecorder
 from common.core.rules import sparsify_and_count, validate_rule
 from common.core.sites import detect_architecture, expand_sites, layer_list_path, resolve_layers
 
-from .counting import expert_totals
+from .counting import add_expert_totals
 
 SUPPORTED_BACKENDS = ("grouped_mm", "batched_mm", "eager")
 _PREFIX = "activation_sparsity_"
@@ -222,8 +222,7 @@ class ExpertSparsifier(ModelHooks):
             weight = weight * self._valid.reshape(-1, 1).long()
         if selected is not None:
             weight = weight * selected.long()
-        kept, routed = expert_totals(kept_slots, weight, top_k_index, self.num_experts)
-        self.recorder.add_expert_counts(layer, site, kept, routed * width, routed)
+        add_expert_totals(self.recorder, layer, site, kept_slots, weight, top_k_index, self.num_experts, width)
 
     def _experts_pre_hook(self, layer, module, args, kwargs):
         hidden_states, top_k_index = args[0] if args else kwargs["hidden_states"], \

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import Sparsifier, SparsityRecorder
-from common.core.rules import keep_mask, keep_threshold, zero_below
+from common.core.rules import keep_mask, keep_threshold, sparsify_and_count, zero_below
 from llada_sparsity.generation import generate
 from llada_sparsity.jaccard import StepJaccard
 from llada_sparsity.modeling import load_llada
@@ -50,6 +50,18 @@ def test_thresholds_and_zeroing_equal_cpu(dtype, width, rule, value):
     assert torch.equal(zeroed_gpu.cpu(), zeroed_cpu)
     assert torch.equal(kept_gpu.cpu(), kept_cpu)
     assert torch.equal(keep_mask(x.to(CUDA), rule, value).cpu(), keep_mask(x, rule, value))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_rows_pass_through_on_the_device_as_on_the_cpu(dtype):
+    x = _rows(576, dtype)
+    x[3, 5], x[4, 0] = float("nan"), float("inf")
+    for rule, value in (("topp", 0.9), ("maxp", 0.3), ("topk", 0.25)):
+        sparse_cpu, kept_cpu = sparsify_and_count(x, rule, value)
+        sparse_gpu, kept_gpu = sparsify_and_count(x.to(CUDA), rule, value)
+        assert kept_cpu[3] == kept_cpu[4] == -1 and torch.equal(kept_gpu.cpu(), kept_cpu)
+        assert torch.equal(sparse_gpu.cpu().isnan(), sparse_cpu.isnan())
+        assert torch.equal(sparse_gpu.cpu().nan_to_num(), sparse_cpu.nan_to_num())
 
 
 def _logits(model, ids=IDS):

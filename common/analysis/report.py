@@ -71,7 +71,9 @@ def tidy_table(store: ResultStore, spec: SweepSpec, iterations: int = 1000,
                "value": key["value"], "measured_sparsity": measured_sparsity(result, site),
                "mean_layer_sparsity": result["sparsity"][site]["mean_over_layers"], "metric": metric,
                "score": result["metrics"][metric], "dense_score": base["metrics"][metric],
-               "seconds": result["seconds"], "dense_seconds": base["seconds"], "items": len(result["items"])}
+               "seconds": result["seconds"], "dense_seconds": base["seconds"], "items": len(result["items"]),
+               # token rows passed through unsparsified for a NaN or an infinity (left out of the sparsity)
+               "nonfinite_rows": result["sparsity"][site].get("nonfinite_rows", 0)}
         if task in PERPLEXITY_TASKS:
             row["perplexity_ratio"] = perplexity(result["items"]) / perplexity(base["items"])
             row["normalized"] = 1.0 / row["perplexity_ratio"]
@@ -319,6 +321,8 @@ def write_report(store: ResultStore, spec: SweepSpec, output: Path, threshold: f
                             "mcnemar": "exact McNemar test of sparse vs dense correctness on the same items at the "
                                        "grid reading's rule value of the task-average curve"},
                "critical": critical, "overhead": overhead(frame), **(extra or {})}
+    if not frame.empty:  # per site: token rows passed through for a NaN or an infinity, over every cell
+        summary["nonfinite_rows"] = {site: int(rows) for site, rows in frame.groupby("site").nonfinite_rows.sum().items()}
     if not frame.empty and frame.site.nunique() > 1:
         summary["readings"]["orderings"] = ("two sites' curves at the same measured sparsity (linear interpolation), "
                                             "difference a - b with a 95% paired-bootstrap interval (the same item "

@@ -128,12 +128,14 @@ def limit_device_memory(fraction: float, device: str) -> None:
 
 def check_output_folder(path: Path) -> Path:
     """Create the results folder now (not after hours of computing) and check it is writable."""
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--output {path} is a file; give a folder")
     try:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--output {path} is a file; give a folder")
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"cannot create the results folder {path}: {error.strerror}") from None
+        shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:40]}...{str(path)[-30:]}"
+        raise ValueError(f"cannot create the results folder {shown}: {error.strerror}; choose a shorter or "
+                         "writable --output") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"the results folder {path} is not writable; choose another --output")
     return path
@@ -176,13 +178,40 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+class Once(argparse.Action):
+    """A list flag given at most once: a second ``--sites`` would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, f"_{self.dest}_given", False):
+            parser.error(f"{option_string} is given twice; give it once, with every value after it")
+        setattr(namespace, f"_{self.dest}_given", True)
+        setattr(namespace, self.dest, values)
+
+
+def check_thread_environment(environ=os.environ) -> None:
+    """OMP_NUM_THREADS, when set, must be a whole number of at least 1 (libgomp ignores anything else
+    with a warning, and the run would then quietly use its own choice)."""
+    text = environ.get("OMP_NUM_THREADS")
+    if text is not None and text != "" and not (text.strip().isdigit() and int(text) > 0):
+        raise ValueError(f"OMP_NUM_THREADS={text!r} is not a whole number of threads (1 or more); unset it or set e.g. "
+                         "OMP_NUM_THREADS=2 (or use --threads)")
+
+
 def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int = 1000,
                         item_planning: bool = True) -> None:
     """Flags shared by the sweep scripts (dense and MoE); ``item_planning``: the item-planned sweep's
     flags (the MoE expert study reads the grid's critical value, so it has none)."""
     from common.core.sites import SITES
 
-    parser.add_argument("--sites", nargs="+", default=["intermediate"], help=f"any of {', '.join(SITES)}, or all")
+    parser.add_argument("--sites", nargs="+", default=["intermediate"], action=Once,
+                        help=f"any of {', '.join(SITES)}, or all (alone)")
     parser.add_argument("--rule", default="topp", choices=["topp", "maxp", "topk"])
     parser.add_argument("--power", type=finite_float, default=1.0)
     parser.add_argument("--grid", type=finite_float, nargs="+", default=None,
@@ -210,7 +239,7 @@ def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int =
     parser.add_argument("--limit", type=non_negative_int, default=default_limit,
                         help="first N items of every task (0 = all)")
     parser.add_argument("--threshold", type=finite_float, default=0.99, help="normalized score kept at critical sparsity")
-    parser.add_argument("--bootstrap", type=non_negative_int, default=bootstrap, help="paired bootstrap resamples")
+    parser.add_argument("--bootstrap", type=positive_int, default=bootstrap, help="paired bootstrap resamples")
     parser.add_argument("--batch-size", type=batch_size, default=16, help="a positive integer, auto or auto:N")
     parser.add_argument("--dtype", default="auto",
                         help="auto (default: bfloat16 on GPUs and CPUs with native bfloat16, else float32), "
@@ -248,11 +277,11 @@ def sweep_settings(args, default_grid: list[float]):
     from common.evaluation.store import parse_shard
     from common.evaluation.tasks import check_tasks, resolve_task_names
 
-    sites = list(SITES) if args.sites == ["all"] else args.sites
-    for site in sites:
-        expand_sites(site)
+    sites = check_sites(args.sites)
     tasks = resolve_task_names(args.tasks)
     check_tasks(tasks)
+    check_metric(getattr(args, "metric", None), tasks)
+    check_thread_environment()
     grid = args.grid or list(default_grid)
     for value in grid:
         validate_rule(args.rule, value, args.power)
@@ -285,6 +314,36 @@ def sweep_settings(args, default_grid: list[float]):
     print(f"dtype {str(dtype).replace('torch.', '')} ({why}); device {args.device or device}; "
           f"threads {torch.get_num_threads()} ({threads_why})")
     return sites, tasks, shard, grid, device, dtype, "auto" if args.device == "auto" else None
+
+
+def check_sites(names: list[str]) -> list[str]:
+    """--sites: FFN site names, each once, or 'all' alone (every site)."""
+    from common.core.sites import SITES, expand_sites
+
+    if "all" in names:
+        if names != ["all"]:
+            raise ValueError(f"--sites all names every site ({', '.join(SITES)}); give it alone, not with "
+                             f"{', '.join(n for n in names if n != 'all')}")
+        return list(SITES)
+    for site in names:
+        expand_sites(site)
+    repeated = sorted({site for site in names if names.count(site) > 1})
+    if repeated:
+        raise ValueError(f"--sites names {', '.join(repeated)} more than once; name each site once")
+    return list(names)
+
+
+def check_metric(metric: str | None, tasks: list[str]) -> None:
+    """--metric: a metric every scored (non-perplexity) task reports, checked before any model loads."""
+    if metric is None:
+        return
+    from common.evaluation.tasks import task_metrics
+
+    missing = {task: metrics for task in tasks if (metrics := task_metrics(task)) is not None and metric not in metrics}
+    if missing:
+        task, metrics = next(iter(missing.items()))
+        raise ValueError(f"--metric {metric} is not a metric of {', '.join(missing)}; {task} reports "
+                         f"{', '.join(sorted(metrics))} (leave --metric out for each task's own)")
 
 
 def output_folder(args, study: str) -> Path:

@@ -67,12 +67,18 @@ def run_sweep(args, lm, spec: SweepSpec, store: ResultStore, shard: tuple[int, i
                   "written when every shard has finished (re-run any shard then)")
             return None
     summary = write_report(store, spec, output, args.threshold, ppl_percent, args.bootstrap,
-                           {**extra, "provenance": store.provenance, "store_commits": store.commits()}, values)
+                           {**extra, "provenance": store.provenance, "store_commits": store.commits(),
+                            "store_versions": store.versions()}, values)
     print_summary(summary, ppl_percent)
     return summary
 
 
 def print_summary(summary: dict, ppl_percent: float) -> None:
+    nonfinite = summary.get("nonfinite_rows") or {}
+    if any(nonfinite.values()):
+        print("warning: token rows holding a NaN or an infinity were passed through unsparsified and left out of the "
+              "sparsity (tidy.csv, nonfinite_rows): " + ", ".join(f"{site} {rows}" for site, rows in nonfinite.items()
+                                                                  if rows))
     for entry in summary["critical"]:
         curve = entry.get("task_average_curve", {})
         line = (f"{entry['site']:>12}: critical sparsity (task-average curve) grid={curve.get('grid', 0):.3f} "

@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-OPENMP = ["-fopenmp"]  # at::parallel_for runs on torch's threads only when compiled with OpenMP
+OPENMP = ("-fopenmp",)  # at::parallel_for runs on torch's threads only when compiled with OpenMP
 
 
 def switched_on(switch: str) -> bool:
@@ -47,8 +47,10 @@ def build_extension(name: str, source: Path, what: str, switch: str, cflags: tup
             except ImportError:
                 pass
         try:
-            module = load(name=name, sources=[str(source)], extra_cflags=[*cflags, *OPENMP], extra_ldflags=OPENMP,
-                          verbose=False)
+            # fresh lists: torch's load appends its own flags to them in place, and flags that differ
+            # from the last build's make ninja rebuild the kernel (about 40 s) on every later load
+            module = load(name=name, sources=[str(source)], extra_cflags=[*cflags, *OPENMP],
+                          extra_ldflags=list(OPENMP), verbose=False)
         except Exception as error:  # a compiler without OpenMP (Apple's clang): build the one-thread kernel
             module = load(name=f"{name}_serial", sources=[str(source)], extra_cflags=list(cflags), verbose=False)
             warnings.warn(f"the {what} was built without OpenMP ({first_line(error)}), so it runs on one thread per "

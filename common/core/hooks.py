@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from common.core.recorder import SparsityRecorder
-from common.core.rules import keep_threshold, sparsify_and_count, validate_rule, zero_below
+from common.core.rules import NONFINITE, keep_threshold, sparsify_and_count, validate_rule, zero_below
 from common.core.sites import site_module_names
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 spells it ``cache``
@@ -173,7 +173,7 @@ class Sparsifier(SiteHooks):
         if self.recorder.needs_masks:  # the boolean mask only for observers that read it
             a, threshold = keep_threshold(tensor, self.rule, self.value, self.power)
             sparse, kept = zero_below(tensor, a, threshold)
-            mask = (a >= threshold).reshape(tensor.shape)
+            mask = ((a >= threshold) | (kept.reshape(-1, 1) == NONFINITE)).reshape(tensor.shape)
         else:  # the counts come with the zeroing
             sparse, kept = sparsify_and_count(tensor, self.rule, self.value, self.power)
         self.recorder.record(layer, site, tensor, mask, kept=kept)

@@ -25,6 +25,12 @@ decision than the sequential cumulative sum would; rows where that proof fails a
 recomputed with the full sort.
 
 Every rule is a threshold per row (``rule_threshold``): keep ``a >= threshold``.
+
+Non-finite rows (a NaN or an infinity among a token's magnitudes) are never sparsified: no rule
+can rank them, and a comparison with NaN is false, so masking would silently zero the NaN and
+report the token as sparse. They pass through unchanged (the NaN propagates as in the dense
+model), their keep-mask is all True, and their kept count is -1 (``NONFINITE``), which the
+recorder counts apart from the sparsity.
 ``zero_below`` applies it, zeroing and counting on the bit patterns in a few integer passes,
 without a boolean mask. The hooks call ``sparsify_and_count``, which on CPU hands top-p to the
 fused kernel of ``common.core.fused_topp`` (the same radix select, threshold, zeroing and counts
@@ -34,6 +40,7 @@ per row in one pass) and takes these tensor-wide paths otherwise.
 from __future__ import annotations
 
 import math
+import numbers
 from functools import lru_cache
 
 import torch
@@ -41,6 +48,7 @@ import torch
 from common.core import fused_topp
 
 RULES = ("topp", "maxp", "topk")
+NONFINITE = -1  # the kept count of a row that holds a NaN or an infinity (passed through unsparsified)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Unit roundoff of float64; bounds the error of any float64 summation order.
@@ -52,10 +60,11 @@ _MAX_CHUNK_ROWS = 1 << 15  # the radix select ranks entries by ``row << 15`` in 
 
 
 def _plain_number(value, name: str) -> float:
-    """A Python float from a number or a one-element tensor; a one-line error otherwise."""
+    """A Python float from a real number (numpy scalars included) or a one-element tensor; a
+    one-line error otherwise (booleans included: True is not a threshold)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     return float(value)
 
@@ -361,10 +370,25 @@ def keep_threshold(x: torch.Tensor, rule: str = "topp", value: float = 1.0,
     return a, rule_threshold(a, rule, float(value))
 
 
+def nonfinite_rows(a: torch.Tensor) -> torch.Tensor:
+    """[N] True where a row of ``a`` [N, D] holds a NaN or an infinity."""
+    return ~torch.isfinite(a).all(dim=-1)
+
+
 def keep_mask(x: torch.Tensor, rule: str = "topp", value: float = 1.0, power: float = 1.0) -> torch.Tensor:
-    """Boolean mask (True = kept) per token over the last dimension of ``x`` [..., D]."""
+    """Boolean mask (True = kept) per token over the last dimension of ``x`` [..., D]; all True on
+    non-finite rows, which pass through unsparsified."""
     a, threshold = keep_threshold(x, rule, value, power)
-    return (a >= threshold).reshape(x.shape)
+    return ((a >= threshold) | nonfinite_rows(a).unsqueeze(-1)).reshape(x.shape)
+
+
+def kept_counts(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Kept count per token [...] (int32) of a keep-mask [..., D] applied to ``x`` [..., D], with
+    ``NONFINITE`` for tokens whose ``x`` holds a NaN or an infinity (for callers that build the
+    mask themselves and record it)."""
+    kept = mask.sum(dim=-1, dtype=torch.int32)
+    bad = ~torch.isfinite(x).all(dim=-1)
+    return kept.masked_fill(bad, NONFINITE)
 
 
 # Per float dtype: the signed integer as wide, the shift that spreads its sign bit, and +inf's bits.
@@ -373,10 +397,18 @@ _SAME_WIDTH_INT = {dtype: (ints, torch.iinfo(ints).bits - 1, int(torch.tensor(ma
                                        (torch.float32, torch.int32), (torch.float64, torch.int64))}
 
 
+def _finite_magnitudes(bits: torch.Tensor, inf_bits: int) -> bool:
+    """Whether the bit patterns of non-negative magnitudes are all finite: below +inf's, and not
+    negative (a NaN made by ``pow`` may carry the sign bit), in one pass."""
+    low, high = torch.aminmax(bits)
+    return int(low) >= 0 and int(high) < inf_bits
+
+
 def zero_below(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [..., D] with the entries outside the keep-mask ``a >= threshold`` (``a`` [N, D] and
     ``threshold`` [N, 1] from ``keep_threshold``) set to zero, exactly ``x.masked_fill(~mask, 0)``,
-    and the kept count per token [...] (int32), from one pass over the mask.
+    and the kept count per token [...] (int32), from one pass over the mask. Rows of ``a`` holding
+    a NaN or an infinity are returned unchanged with the count ``NONFINITE``.
 
     On CPU, boolean masks, masked_fill and torch.where are several times slower than integer
     arithmetic, so when ``a`` is finite the mask is built on the bit patterns: non-negative
@@ -389,23 +421,25 @@ def zero_below(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor) -> tup
     rows = x.reshape(-1, x.shape[-1])
     ints, sign, inf_bits = _SAME_WIDTH_INT[a.dtype]
     integer_path = a.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
-    if integer_path and a.numel() and int(a.view(ints).max()) < inf_bits:
+    if integer_path and a.numel() and _finite_magnitudes(a.view(ints), inf_bits):
         keep = torch.sub(threshold.view(ints) - 1, a.view(ints)).bitwise_right_shift_(sign)  # -1 kept, 0 dropped
         # Summed in its own type (no converted copy) where the count fits.
         count_dtype = ints if a.shape[-1] <= torch.iinfo(ints).max else torch.int32
         kept = keep.sum(dim=-1, dtype=count_dtype).neg_().to(torch.int32)
         out = keep.bitwise_and_(rows.view(ints)).view(x.dtype)  # in place: no second [N, D] buffer
     else:
-        mask = a >= threshold
+        bad = nonfinite_rows(a).unsqueeze(-1)
+        mask = (a >= threshold) | bad
         out = rows.masked_fill(~mask, 0)
-        kept = mask.sum(dim=-1, dtype=torch.int32)
+        kept = mask.sum(dim=-1, dtype=torch.int32).masked_fill_(bad.squeeze(-1), NONFINITE)
     return out.reshape(x.shape), kept.reshape(x.shape[:-1])
 
 
 def sparsify_and_count(x: torch.Tensor, rule: str = "topp", value: float = 1.0,
                        power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [..., D] with the entries outside the rule's keep-mask set to zero and the kept count
-    per token [...] (int32): ``zero_below(x, *keep_threshold(x, ...))``, bit for bit.
+    per token [...] (int32; ``NONFINITE`` for rows passed through because they hold a NaN or an
+    infinity): ``zero_below(x, *keep_threshold(x, ...))``, bit for bit.
 
     Top-p on CPU takes the fused kernel where it applies (``common.core.fused_topp``: one pass per
     row, in cache); the rows it cannot decide exactly are recomputed here with the full sort.

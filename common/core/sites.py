@@ -21,6 +21,7 @@ layer reads where they are.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -124,7 +125,11 @@ def detect_architecture(model: nn.Module) -> Architecture:
 
 def expand_sites(sites: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Validate site names and expand groups (``all_inputs`` -> input, intermediate)."""
+    if not isinstance(sites, (str, list, tuple)) or not all(isinstance(name, str) for name in sites):
+        raise ValueError(f"sites must be a site name or a list of them (from {', '.join(SITES)}), got {sites!r}")
     names = [sites] if isinstance(sites, str) else list(sites)
+    if not names:
+        raise ValueError(f"no FFN site given; name at least one of {', '.join(SITES)}")
     expanded: list[str] = []
     for name in names:
         if name not in SITES:
@@ -157,13 +162,15 @@ def resolve_layers(model: nn.Module, layers, arch: Architecture | None = None) -
     total = num_layers(model, arch)
     if layers is None:
         return list(range(total))
-    if isinstance(layers, int):
+    if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
+    if not isinstance(layers, (list, tuple, range)) or not layers:
+        raise ValueError(f"layers must be None (every layer) or a non-empty list of layer indices, got {layers!r}")
     resolved = []
     for layer in layers:
-        if not isinstance(layer, int) or not -total <= layer < total:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not -total <= layer < total:
             raise ValueError(f"layer index {layer!r} is out of range: the model has {total} layers (0..{total - 1})")
-        resolved.append(layer % total)
+        resolved.append(int(layer) % total)
     return sorted(set(resolved))
 
 

@@ -2,8 +2,9 @@
 
 Sparsity of a key = 1 - kept / counted, over real tokens. Summaries per site:
 ``per_layer`` (layer -> sparsity), ``mean_over_layers`` (each layer weighs the same) and
-``element_weighted`` (every counted entry weighs the same). The group ``all_inputs`` combines
-its input and intermediate counts.
+``element_weighted`` (every counted entry weighs the same), and ``nonfinite_rows``: token rows
+left out because they held a NaN or an infinity (passed through unsparsified). The group
+``all_inputs`` combines its input and intermediate counts.
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ def summarize(recorder: SparsityRecorder | list[dict], **context_filter) -> dict
     rows = recorder.rows() if isinstance(recorder, SparsityRecorder) else recorder
     kept: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     counted: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    nonfinite: dict[str, int] = defaultdict(int)
     for row in rows:
         if any(row.get(k) != v for k, v in context_filter.items()):
             continue
         kept[row["site"]][row["layer"]] += row["kept"]
         counted[row["site"]][row["layer"]] += row["counted"]
+        nonfinite[row["site"]] += row.get("nonfinite_rows", 0)
     for group, members in SITE_GROUPS.items():
         if all(m in kept for m in members):
             for member in members:
+                nonfinite[group] += nonfinite[member]
                 for layer in kept[member]:
                     kept[group][layer] += kept[member][layer]
                     counted[group][layer] += counted[member][layer]
@@ -46,6 +50,7 @@ def summarize(recorder: SparsityRecorder | list[dict], **context_filter) -> dict
             "mean_over_layers": sum(per_layer.values()) / len(per_layer) if per_layer else None,
             "element_weighted": 1.0 - total_kept / total_counted if total_counted else None,
             "counted": total_counted,
+            "nonfinite_rows": nonfinite[site],
         }
     return out
 
@@ -64,7 +69,8 @@ def effective_rank(matrix: torch.Tensor) -> float:
 
 
 class EffectiveRank:
-    """Observer: effective rank per (layer, site) of each forward's real-token activations.
+    """Observer: effective rank per (layer, site) of each forward's real-token activations (rows
+    holding a NaN or an infinity left out, as the sparsity counts leave them out).
 
     Averaged over forwards (batches), and normalized by the feature dimension in ``summary``.
     """
@@ -79,6 +85,7 @@ class EffectiveRank:
         rows = tensor.detach().reshape(-1, tensor.shape[-1])
         if valid is not None:
             rows = rows[valid.reshape(-1)]
+        rows = rows[torch.isfinite(rows).all(dim=-1)]  # a NaN row has no singular values to speak of
         if rows.shape[0] < self.min_tokens:
             return
         self.sums[(layer, site)] += effective_rank(rows)

@@ -42,7 +42,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from common.core.hooks import Sparsifier
-from common.core.recorder import SparsityRecorder
+from common.core.recorder import SparsityRecorder, count_entries
 from common.core.rules import validate_rule
 from common.core.sites import detect_architecture, expand_sites, resolve_layers
 from common.core.stats import summarize
@@ -134,7 +134,7 @@ class PerTokenKept:
 
     def commit_row(self, row: int, length: int, recorder: SparsityRecorder) -> None:
         for (layer, site), kept in self.kept.items():
-            recorder.add_counts(layer, site, kept[row, :length].sum(), length * self.width[(layer, site)], {})
+            recorder.add_counts(layer, site, *count_entries(kept[row, :length], self.width[(layer, site)]), context={})
 
 
 class DenseBackend:

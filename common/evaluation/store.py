@@ -8,9 +8,14 @@ get the usual umask-respecting modes, so a team can share a store.
 
 A record is never trusted by its file name: a cell whose stored key differs from the requested
 one, or that does not parse, is reported with its path, moved aside (``*.bad``) and redone.
-Each record keeps the provenance of the run that wrote it; ``store.json`` keeps the library
-versions of the store, and a run with other torch / transformers / lm-eval versions is refused
-unless mixing is allowed explicitly.
+Keys hold only JSON values (strings, whole numbers, finite floats, booleans, None, lists and
+dicts of them): anything else would be stored as another key than the one asked for.
+
+Each record keeps the provenance of the run that wrote it. A run opened with its provenance
+checks every cell's torch / transformers / lm-eval versions, when the store is opened and again
+whenever a cell is read, and refuses a store holding any other version unless mixing is allowed
+explicitly; ``versions()`` then lists every version present, for the summaries. ``store.json``
+keeps the store's versions; a missing or broken one is rebuilt from the cells.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from common.evaluation.provenance import version_conflicts
+import warnings
+
+from common.evaluation.provenance import LIBRARIES_THAT_MUST_MATCH, version_conflicts
 
 
 def _file_mode() -> int:
@@ -70,14 +77,16 @@ def atomic_write_json(path: str | Path, data) -> None:
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:
-    """Atomic CSV of dict rows (columns: union of keys, in first-seen order)."""
+    """Atomic CSV of dict rows (columns: union of keys, in first-seen order); an undefined number
+    (NaN, an infinity) is an empty cell, as null is in the JSON files."""
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+                     for row in rows)
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -100,6 +109,31 @@ def _canonical(key: dict) -> str:
     return json.dumps(key, sort_keys=True, default=_json_default)
 
 
+def check_key(key, where: str = "key") -> None:
+    """A one-line ValueError unless ``key`` holds only JSON values, floats finite."""
+    if isinstance(key, dict):
+        for name, value in key.items():
+            if not isinstance(name, str):
+                raise ValueError(f"cell key field names must be strings, got {name!r} in {where}")
+            check_key(value, f"{where}[{name!r}]")
+    elif isinstance(key, (list, tuple)):
+        for index, value in enumerate(key):
+            check_key(value, f"{where}[{index}]")
+    elif isinstance(key, float) and not math.isfinite(key):
+        raise ValueError(f"cell key {where} is {key!r}: a key holds finite numbers only")
+    elif key is not None and not isinstance(key, (str, int, float, bool)):
+        raise ValueError(f"cell key {where} is a {type(key).__name__}: a key holds strings, numbers, booleans, "
+                         "None and lists or dicts of them (convert it, e.g. with float() or .tolist())")
+
+
+def library_versions(provenance: dict | None) -> dict | None:
+    """The must-match library versions of a provenance record (None when it has none)."""
+    libraries = provenance.get("libraries") if isinstance(provenance, dict) else None
+    if not isinstance(libraries, dict):
+        return None
+    return {name: libraries.get(name) for name in LIBRARIES_THAT_MUST_MATCH}
+
+
 class ResultStore:
     """A folder of cell records: ``<root>/cells/<cell id>.json`` holding {"key", "result", "provenance"}.
 
@@ -109,6 +143,9 @@ class ResultStore:
     """
 
     def __init__(self, root: str | Path, provenance: dict | None = None, allow_mixed: bool = False):
+        if provenance is not None and library_versions(provenance) is None:
+            raise ValueError(f"provenance must be the dict common.evaluation.provenance.environment() returns, got "
+                             f"{type(provenance).__name__} {str(provenance)[:60]!r}")
         self.root = Path(root)
         self.cells = self.root / "cells"
         self.provenance = provenance
@@ -121,20 +158,45 @@ class ResultStore:
     def manifest_path(self) -> Path:
         return self.root / "store.json"
 
+    def _scan(self) -> tuple[list[dict], dict | None]:
+        """(every combination of must-match versions among the cells with its cell count, the
+        provenance of the first cell that has one)."""
+        counts: dict[str, list] = {}
+        first = None
+        for path in sorted(self.cells.glob("*.json")) if self.cells.is_dir() else []:
+            record = self._read_json(path)
+            if isinstance(record, dict) and "key" in record:
+                versions = library_versions(record.get("provenance"))
+                first = first or (record["provenance"] if versions else None)
+                counts.setdefault(json.dumps(versions, sort_keys=True), [versions, 0])[1] += 1
+        return [{"libraries": versions, "cells": cells} for versions, cells in counts.values()], first
+
+    def versions(self) -> list[dict]:
+        """Every combination of must-match library versions among the cells, with its cell count
+        (cells written before records carried provenance count under None)."""
+        return self._scan()[0]
+
+    def _conflicts(self, provenance: dict | None) -> list[str]:
+        return version_conflicts(provenance, self.provenance) if library_versions(provenance) else []
+
     def _check_versions(self) -> None:
-        manifest = self._read_json(self.manifest_path)
-        if manifest is None:
-            if self.cells.is_dir() and any(self.cells.glob("*.json")):
-                # a store from before manifests: its first cell's provenance stands in, if any
-                first = next((r for r in map(self._read_json, sorted(self.cells.glob("*.json"))) if r), None)
-                manifest = {"provenance": (first or {}).get("provenance")}
-            if not manifest or not manifest.get("provenance"):
-                atomic_write_json(self.manifest_path, {"provenance": self.provenance})
-                return
-        conflicts = version_conflicts(manifest["provenance"], self.provenance)
+        """Refuse (one line) a store whose manifest or any cell holds other must-match versions
+        than this run, unless ``allow_mixed``; write a missing ``store.json``, rebuild a broken one."""
+        exists = self.manifest_path.exists()
+        manifest = self._read_json(self.manifest_path) if exists else None
+        broken = exists and (not isinstance(manifest, dict) or library_versions(manifest.get("provenance")) is None)
+        found, first = self._scan()
+        conflicts = self._conflicts(manifest["provenance"]) if exists and not broken else []
+        for entry in found:
+            conflicts += [c for c in self._conflicts({"libraries": entry["libraries"]}) if c not in conflicts]
         if conflicts and not self.allow_mixed:
-            raise ValueError(f"{self.root} was written with {'; '.join(conflicts)}: scores may differ, so it is not "
-                             "resumed; use another --output, or pass --allow-mixed to add cells anyway")
+            raise ValueError(f"{self.root} holds cells written with {'; '.join(conflicts)}: scores may differ, so it is "
+                             "not resumed; use another --output, or pass --allow-mixed to add cells anyway")
+        if broken:
+            warnings.warn(f"{self.manifest_path} is unreadable or incomplete; rebuilt from its "
+                          f"{sum(e['cells'] for e in found)} cells", RuntimeWarning, stacklevel=3)
+        if not exists or broken:
+            atomic_write_json(self.manifest_path, {"provenance": first or self.provenance})
 
     # ---- cells ---------------------------------------------------------------------------------
     def path(self, key: dict) -> Path:
@@ -165,13 +227,20 @@ class ResultStore:
         if (expected is not None and _canonical(record["key"]) != expected) or path.stem != cell_id(record["key"]):
             self._set_aside(path, "holds another cell's record")
             return None
+        if self.provenance is not None and not self.allow_mixed:
+            conflicts = self._conflicts(record.get("provenance"))
+            if conflicts:
+                raise ValueError(f"{path} was written with {'; '.join(conflicts)}: scores may differ, so it is not "
+                                 "used; use another --output, or pass --allow-mixed to mix versions")
         return record
 
     def has(self, key: dict) -> bool:
+        check_key(key)
         path = self.path(key)
         return path.is_file() and self._load(path, key) is not None
 
     def get(self, key: dict) -> dict | None:
+        check_key(key)
         path = self.path(key)
         if not path.is_file():
             return None
@@ -179,6 +248,7 @@ class ResultStore:
         return None if record is None else record["result"]
 
     def put(self, key: dict, result: dict) -> None:
+        check_key(key)
         record = {"key": key, "result": result}
         if self.provenance is not None:
             record["provenance"] = self.provenance

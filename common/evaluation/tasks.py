@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from common.evaluation.store import atomic_write_text
@@ -136,11 +137,41 @@ def is_offline_task(name: str) -> bool:
     return name in MULTIPLE_CHOICE_TASKS or name in PERPLEXITY_TASKS
 
 
+@lru_cache(maxsize=1)
+def builtin_task_index() -> dict:
+    """lm-eval's own task index (name -> entry with its config), built once: indexing its YAML
+    files takes a few seconds, so only runs naming tasks outside the offline suites pay it."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager().task_index
+
+
+def task_metrics(name: str) -> set[str] | None:
+    """The metrics a scored task reports (None where --metric does not apply: perplexity tasks, and
+    built-in tasks whose config does not list its metrics itself)."""
+    if name in PERPLEXITY_TASKS:
+        return None
+    if name in MULTIPLE_CHOICE_TASKS:
+        return {"acc", "acc_norm"}
+    entry = builtin_task_index().get(name)
+    listed = (getattr(entry, "cfg", None) or {}).get("metric_list") if entry is not None else None
+    return {m["metric"] for m in listed if isinstance(m, dict) and "metric" in m} if listed else None
+
+
 def check_tasks(names: list[str]) -> None:
-    """Fail early, in one line, for tasks that cannot be loaded offline."""
+    """Fail early, in one line, for task names lm-eval does not know and for tasks that cannot be
+    loaded offline."""
+    import difflib
     import os
 
     unknown_offline = [n for n in names if not is_offline_task(n)]
+    if unknown_offline:
+        known = builtin_task_index()
+        unknown = [n for n in unknown_offline if n not in known]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], [*known, *MULTIPLE_CHOICE_TASKS, *SUITES], n=3)
+            raise ValueError(f"unknown task {', '.join(unknown)}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                             + f"; give lm-eval task names or a suite: {', '.join(SUITES)}")
     if unknown_offline and os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise ValueError(f"tasks {', '.join(unknown_offline)} need the dataset hub but HF_DATASETS_OFFLINE=1; "
                          "use an offline suite (--tasks small or full) or its tasks, or go online")

@@ -86,6 +86,22 @@ def model_class_for(official: dict):
     return AutoModelForCausalLM
 
 
+def read_config_json(path: str | Path) -> dict:
+    """A model's config.json as a dict; a one-line error naming the file when it is not a JSON
+    object with a model_type (a truncated download, a hand edit)."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}): the "
+                         "model's config.json is damaged; download or copy it again") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path} ({error}); check the model folder") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ValueError(f"{path} has no model_type: it is not a transformers config.json")
+    return config
+
+
 def hf_config(official: dict):
     """A transformers config for a config.json dict: through a registered converter, else by model_type."""
     if official.get("model_type") in _CONFIG_CONVERTERS:

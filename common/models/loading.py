@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from common.models.aliases import FAMILY_LABELS, GGUFSource, alias_names, lookup
+from common.models.aliases import FAMILY_LABELS, GGUFSource, alias_names, hf_config, lookup, read_config_json
 from common.models.hub import hub_source
 
 
@@ -118,12 +118,33 @@ def _dequantize(alias: str, target: Path) -> None:
         (work / source.file).unlink()
 
 
+def check_model_name(name: str, family: str | None = None) -> None:
+    """A one-line error for a name that is no alias, no model folder and no hub id, before any
+    output folder is made or any model built (nothing is downloaded or dequantized here)."""
+    row = lookup(name, family)
+    if row is not None and (row.gguf is not None or row.local is not None):
+        return
+    target = row.hub_id if row is not None else name
+    if Path(target).expanduser().is_dir():
+        return
+    if Path(target).expanduser().exists():
+        raise ValueError(f"--model {target} is a file; give the folder that holds config.json and the weights, a hub "
+                         "id or an alias")
+    if target.startswith((".", "/", "~")) or target.count("/") > 1:  # a path (hub ids are org/name, dots allowed)
+        raise FileNotFoundError(f"model directory {target!r} does not exist")
+    if "/" not in target:
+        label = FAMILY_LABELS[family]
+        raise ValueError(f"unknown {label} {name!r}: give a local directory, a hub id (org/name) or an alias: "
+                         f"{', '.join(alias_names(family))}")
+
+
 def resolve_model_path(name: str, family: str | None = None) -> str:
     """A local directory (aliases materialized or built, cached hub snapshots) or a reachable hub id.
 
     ``family`` ('dense', 'moe', 'llada') restricts the aliases accepted and names them in the error.
     Bad names and uncached hub ids without a reachable hub fail in one line, before any download.
     """
+    check_model_name(name, family)
     row = lookup(name, family)
     if row is not None and row.gguf is not None:
         return str(materialize_gguf_alias(name))
@@ -132,12 +153,6 @@ def resolve_model_path(name: str, family: str | None = None) -> str:
     target = row.hub_id if row is not None else name
     if Path(target).expanduser().is_dir():
         return str(Path(target).expanduser())
-    if target.startswith((".", "/", "~")) or target.count("/") > 1:  # a path (hub ids are org/name, dots allowed)
-        raise FileNotFoundError(f"model directory {target!r} does not exist")
-    if "/" not in target:
-        label = FAMILY_LABELS[family]
-        raise ValueError(f"unknown {label} {name!r}: give a local directory, a hub id (org/name) or an alias: "
-                         f"{', '.join(alias_names(family))}")
     return hub_source(target)
 
 
@@ -152,6 +167,7 @@ def load_pretrained(name: str, path: str, dtype=None, device: str = "cpu", devic
     before its weights load. A load failure is one line naming the model and what to do."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_model_folder(name, path)
     try:
         if check_config is not None:
             check_config(AutoConfig.from_pretrained(path))
@@ -165,6 +181,31 @@ def load_pretrained(name: str, path: str, dtype=None, device: str = "cpu", devic
     return model.eval(), tokenizer
 
 
+# Files that carry a tokenizer's vocabulary (tokenizer_config.json alone does not)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt",
+                   "sentencepiece.bpe.model")
+
+
+def check_model_folder(name: str, path: str) -> None:
+    """For a local model folder, before its weights load: a readable config.json of an
+    architecture the site table knows, and tokenizer files (one line each, naming what to do)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub snapshot still to be fetched: transformers checks it
+    from common.models.plan import check_supported
+
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: it is not a transformers model folder")
+    check_supported(hf_config(read_config_json(config)), name)
+    if not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); copy the "
+                                "tokenizer of the checkpoint into the folder (tokenizer.save_pretrained)")
+
+
 def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str = "cpu", device_map=None):
     """(model, tokenizer) for a dense causal LM named by alias, hub id or directory."""
-    return load_pretrained(name, resolve_model_path(name), dtype, device, device_map)
+    from common.models.plan import check_supported
+
+    return load_pretrained(name, resolve_model_path(name), dtype, device, device_map,
+                           check_config=lambda config: check_supported(config, name))

@@ -11,14 +11,13 @@ or, on CPU, with the available host RAM (free plus the page cache the kernel giv
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from common.models.aliases import hf_config, lookup, lookup_hub_id
+from common.models.aliases import hf_config, lookup, lookup_hub_id, read_config_json
 from common.models.hub import cached_file
 
 GIB = 2 ** 30
@@ -111,20 +110,32 @@ def plan_config(name: str, family: str | None = None):
         local = cache_dir() / name / "config.json"
         if not local.is_file():
             return None, "its config is read from the GGUF wheel on the first load (a small model)"
-        return hf_config(json.loads(local.read_text())), f"cached {local}"
+        return hf_config(read_config_json(local)), f"cached {local}"
     if row is not None and row.local is not None:
         local = Path(row.local()) / "config.json"
-        return hf_config(json.loads(local.read_text())), f"local {local}"
+        return hf_config(read_config_json(local)), f"local {local}"
     target = row.hub_id if row is not None else name
     local = Path(target).expanduser() / "config.json"
     if local.is_file():
-        return hf_config(json.loads(local.read_text())), f"local {local}"
+        return hf_config(read_config_json(local)), f"local {local}"
     if "/" in target and not Path(target).expanduser().exists():
         cached = cached_file(target, "config.json")
         if cached is not None:
-            return hf_config(json.loads(cached.read_text())), "config from the hub cache"
+            return hf_config(read_config_json(cached)), "config from the hub cache"
         return None, f"no config shipped or cached: the plan needs {target}'s config.json from the hub or the cache"
     return None, "no config.json found"
+
+
+def check_supported(config, name: str) -> None:
+    """A one-line error, before any weight loads, for a model that has no row in the site table
+    (no GLU FFN this toolkit knows how to hook, e.g. GPT-2)."""
+    from common.core.sites import supported_model_types
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in supported_model_types():
+        raise ValueError(f"{name} is a {model_type!r} model, which the site table does not know (supported: "
+                         f"{', '.join(supported_model_types())}); to add a GLU architecture, add a row to "
+                         "common.core.sites.ARCHITECTURES (docs/architecture.md)")
 
 
 def count_parameters_on_meta(config) -> int:
@@ -185,6 +196,7 @@ def model_plan(name: str, dtype: torch.dtype, device: str = "cpu", batch: int = 
     config, source = plan_config(name, family)
     if config is None:
         return source
+    check_supported(config, name)
     max_positions = getattr(config.get_text_config(), "max_position_embeddings", None) or sequence
     sequence = min(sequence, max_positions)
     activation, note = largest_activation(config, dtype, batch, sequence)
@@ -208,5 +220,6 @@ def print_plan(name: str, dtype: torch.dtype | None, device: str | None = "cpu",
             f"{name} does not fit here: it needs about {math.ceil(plan.need_bytes / GIB)} GiB (weights "
             f"{plan.weight_bytes / GIB:.1f} GiB + largest activation {plan.activation_bytes / GIB:.1f} GiB) but the "
             f"visible devices have {free / GIB:.1f} GiB free; use more or larger GPUs (--device auto)"
-            + (", bfloat16" if plan.dtype == torch.float32 else "") + " or a smaller --batch-size")
+            + (", bfloat16" if plan.dtype == torch.float32 else "") + " or a smaller --batch-size, or run the "
+            "study on a small replica of its structure here with --rehearse")
     return plan

@@ -164,7 +164,8 @@ _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_zero_below_is_masked_fill_and_counts_the_mask(dtype):
     """The integer-domain zeroing equals ``masked_fill`` bit for bit (dropped entries are +0) and
-    its counts are the mask's; tensors with infinities or NaN take the boolean mask."""
+    its counts are the mask's; tensors with infinities or NaN take the boolean mask, and their
+    non-finite rows are kept whole and counted -1."""
     finite = _hard_rows(576, dtype)
     finite[6] = 1.0
     with_inf = _hard_rows(576, dtype)
@@ -179,7 +180,9 @@ def test_zero_below_is_masked_fill_and_counts_the_mask(dtype):
             expected = x.masked_fill(~mask, 0)
             assert sparse.shape == x.shape and kept.shape == x.shape[:-1] and kept.dtype == torch.int32
             assert torch.equal(sparse.view(_BITS[dtype]), expected.view(_BITS[dtype])), (rule, value, power)
-            assert torch.equal(kept, mask.sum(dim=-1, dtype=torch.int32)), (rule, value, power)
+            passed = ~torch.isfinite(x.abs() ** power).all(dim=-1)  # rows the rule cannot rank pass through
+            assert torch.equal(mask, mask | passed.unsqueeze(-1))
+            assert torch.equal(kept, mask.sum(dim=-1, dtype=torch.int32).masked_fill(passed, -1)), (rule, value, power)
             assert torch.equal(sparsify(x, rule, value, power).view(_BITS[dtype]), expected.view(_BITS[dtype]))
     # Inputs that need a gradient keep it (masked_fill's: the incoming gradient where kept, else 0).
     x = finite.clone().requires_grad_()

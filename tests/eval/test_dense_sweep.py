@@ -14,6 +14,7 @@ from common.evaluation.bridge import SparseHFLM
 from common.evaluation.store import ResultStore, parse_shard
 from common.evaluation.sweep import SweepRunner, SweepSpec, evaluate_task
 from common.evaluation.tasks import task_manager
+from outputs import assert_no_nan
 from tiny_models import char_tokenizer, save_tiny_llama, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -285,6 +286,7 @@ def test_dense_sweep_script_end_to_end_and_resume(tmp_path):
     for figure in ("curve_average.png", "layer_sparsity_input.pdf", "critical_sparsity.png", "effective_rank.png",
                    "fidelity_choice_kl.png", "fidelity_gold_loglik.pdf"):
         assert (out / "figures" / figure).is_file(), figure
+    assert_no_nan(out)
     second = _run(*args)
     assert second.returncode == 0 and "resuming: 10 of 10 cells" in second.stdout
     search_args = args[args.index("--limit"):]  # same limit, tasks, dtype, output; the search instead of the grid

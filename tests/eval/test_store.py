@@ -82,3 +82,70 @@ def test_json_is_standard_and_files_follow_the_umask(tmp_path):
     text = (tmp_path / "x.json").read_text()
     assert json.loads(text) == {"a": None, "b": [1.0, None]} and "NaN" not in text
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
+
+
+def _foreign(tmp_path, keys, version="5.0.0"):
+    """A store whose cells ``keys`` were written with another transformers version."""
+    old = environment("float32", "cpu")
+    old["libraries"]["transformers"] = version
+    store = ResultStore(tmp_path)
+    for key in keys:
+        store.put(key, {"score": 0.5})
+        record = json.loads(store.path(key).read_text())
+        record["provenance"] = old
+        store.path(key).write_text(json.dumps(record))
+
+
+def test_one_cell_of_another_version_is_enough_to_refuse_the_store(tmp_path):
+    ResultStore(tmp_path, provenance=environment("float32", "cpu")).put(KEY_A, {"score": 0.5})  # manifest: ours
+    _foreign(tmp_path, [KEY_B])
+    with pytest.raises(ValueError, match=r"holds cells written with transformers 5\.0\.0 .*--allow-mixed"):
+        ResultStore(tmp_path, provenance=environment("float32", "cpu"))
+    mixed = ResultStore(tmp_path, provenance=environment("float32", "cpu"), allow_mixed=True)
+    assert sorted(v["libraries"]["transformers"] for v in mixed.versions()) == sorted(
+        ["5.0.0", environment()["libraries"]["transformers"]])
+
+
+def test_every_cell_is_checked_when_the_manifest_is_gone_and_the_first_cell_agrees(tmp_path):
+    keys = [{**KEY_A, "value": v} for v in (0.1, 0.2, 0.3, 0.4)]
+    ResultStore(tmp_path, provenance=environment("float32", "cpu")).put(keys[0], {"score": 0.5})
+    _foreign(tmp_path, keys[1:])
+    first = sorted((tmp_path / "cells").glob("*.json"))[0]
+    assert first.name == ResultStore(tmp_path).path(keys[0]).name  # the first cell is ours: not enough to look at
+    (tmp_path / "store.json").unlink()
+    with pytest.raises(ValueError, match="transformers 5.0.0"):
+        ResultStore(tmp_path, provenance=environment("float32", "cpu"))
+
+
+def test_a_cell_of_another_version_written_after_opening_is_refused_when_read(tmp_path):
+    store = ResultStore(tmp_path, provenance=environment("float32", "cpu"))
+    _foreign(tmp_path, [KEY_B])  # e.g. a shard started with other libraries
+    with pytest.raises(ValueError, match=r"was written with transformers 5\.0\.0.*--allow-mixed"):
+        store.get(KEY_B)
+
+
+def test_a_broken_manifest_is_rebuilt_from_the_cells_with_one_warning(tmp_path):
+    store = ResultStore(tmp_path, provenance=environment("float32", "cpu"))
+    store.put(KEY_A, {"score": 0.5})
+    (tmp_path / "store.json").write_text('{"provenance": {"libr')
+    with pytest.warns(RuntimeWarning, match="store.json is unreadable or incomplete; rebuilt from its 1 cells"):
+        ResultStore(tmp_path, provenance=environment("float32", "cpu"))
+    rebuilt = json.loads((tmp_path / "store.json").read_text())
+    assert rebuilt["provenance"]["libraries"] == environment()["libraries"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), object(), {1: "a"}])
+def test_a_key_that_json_cannot_hold_exactly_is_refused_at_put(tmp_path, bad):
+    import torch
+
+    store = ResultStore(tmp_path)
+    for key in ({**KEY_A, "value": bad}, {**KEY_A, "value": torch.tensor(0.9)}):
+        if key["value"] is bad or isinstance(key["value"], torch.Tensor):
+            with pytest.raises(ValueError, match="cell key"):
+                store.put(key, {"score": 1.0})
+    assert not (tmp_path / "cells").exists()
+
+
+def test_provenance_must_be_an_environment_record(tmp_path):
+    with pytest.raises(ValueError, match="provenance must be the dict"):
+        ResultStore(tmp_path, provenance="garbage")

@@ -11,6 +11,7 @@ from common.core.recorder import lengths_to_valid
 from common.core.rules import keep_mask
 from common.core.sites import expand_sites
 from moe_sparsity.experts import SUPPORTED_BACKENDS, ExpertSparsifier
+from outputs import assert_no_nan
 from tiny_models import MOE_ARCHITECTURES, char_tokenizer, tiny_model, tiny_moe
 
 IDS = torch.randint(2, 120, (2, 9))
@@ -215,6 +216,8 @@ def test_moe_experts_script_end_to_end(tmp_path):
                  "all_above": 0.0 in search["order"], "no_room": search["status"] == "crossed"}
     assert justified.get(search["stopped"]), search  # the coarse pass, then as many values as the stop reason says
     assert json.loads((tmp_path / "search" / "experts.json").read_text())["sites"]["intermediate"]["per_layer_pooled"]
+    assert_no_nan(out)
+    assert_no_nan(tmp_path / "search")
 
 
 def test_moe_experts_script_rejects_dense_models_and_unknown_aliases(tmp_path):
