@@ -10,8 +10,12 @@ where token ``t`` owns the entries ``offsets[t]:offsets[t + 1]`` of ``kept_value
 row ([I, H] for the down projection, [H, 2I] for gate and up together). A token with no kept
 entry gets zeros.
 
+These are the pure-torch paths. On CPU the sparse products take the fused kernel
+(``common.execution.sparse_gemv``) by default (``kernel="auto"``), which compares, selects and
+streams in one pass; these run where it does not apply (GPU, float16, switched off, not built).
 Implementations are chosen by name (``GATHER_GEMV``); a fused GPU kernel (Triton, CUDA) plugs in
-by passing a function with this signature as ``kernel`` to ``SparseFFNExecution``.
+by passing a function with this signature as ``kernel`` to ``SparseFFNExecution`` or
+``SparseLinearExecution``.
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ def resolve_kernel(kernel: str | GatherGemv) -> GatherGemv:
     if callable(kernel):
         return kernel
     if kernel not in GATHER_GEMV:
-        raise ValueError(f"unknown gather-GEMV kernel {kernel!r}; choose one of {', '.join(GATHER_GEMV)} "
-                         "or pass a function (kept_values, kept_index, offsets, weight_rows) -> [tokens, out]")
+        raise ValueError(f"unknown gather-GEMV kernel {kernel!r}; choose auto (the fused CPU kernel where it "
+                         f"applies), one of {', '.join(GATHER_GEMV)} or pass a function "
+                         "(kept_values, kept_index, offsets, weight_rows) -> [tokens, out]")
     return GATHER_GEMV[kernel]
 
 

@@ -8,23 +8,33 @@ the calibration tokens, so that layer drops about that fraction of its entries o
 is the target (bisection on p; sparsity decreases as p grows).
 
 Calibration batches are ``input_ids`` tensors [B, T] without padding (one document per tensor is
-simplest); the activations are captured densely with ``common.core.hooks.ActivationCapture``.
+simplest); the activations are captured densely, at the FFN sites with
+``common.core.hooks.ActivationCapture`` and at the inputs of the attention's linear layers
+(``attention``: q/k/v, ``attention_output``: o; ``all_linear`` names every group, see
+``common.execution.groups``) with ``LinearInputCapture``. Token rows holding a NaN or an infinity
+are left out of the quantiles (sparse execution passes such rows through densely).
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
 
-from common.core.hooks import ActivationCapture
+from common.core.hooks import ActivationCapture, ModelHooks
 from common.core.rules import keep_mask
+from common.core.sites import linear_module_names
+from common.execution.groups import ALL_LINEAR, ATTENTION_GROUPS, expand_groups
 
 
 def magnitude_mask(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Keep-mask of a fixed threshold: ``|x| >= threshold`` (threshold 0 keeps everything)."""
-    return x.abs() >= threshold
+    """Keep-mask of a fixed threshold: ``|x| >= threshold`` (threshold 0 keeps everything), and
+    every NaN: a comparison with NaN is false, so ``|x| >= t`` would silently drop it (rows that
+    hold one are passed through densely by the sparse products anyway)."""
+    return ~(x.abs() < threshold)
 
 
 @dataclass
@@ -57,16 +67,64 @@ def _check_target(target_sparsity: float) -> None:
         raise ValueError(f"target sparsity {target_sparsity!r} is outside [0, 1); give the fraction of entries to drop")
 
 
+class LinearInputCapture(ModelHooks):
+    """Observe the input [tokens, D] of each (layer, linear group) densely: a forward pre-hook on
+    the group's first linear layer keeps the real-token rows (padding left out as the recorder
+    knows it), per (layer, group) in ``activations``."""
+
+    sparsifies = False
+
+    def __init__(self, model: nn.Module, groups, layers=None):
+        super().__init__(model)
+        self.names = {group: linear_module_names(model, group, layers) for group in expand_groups(groups)}
+        self.activations: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+    def _keep(self, key: tuple[int, str], module, args) -> None:
+        x = args[0].detach()
+        rows = x.reshape(-1, x.shape[-1])
+        valid = self.recorder.valid_for(x)
+        if valid is not None:
+            rows = rows[valid.reshape(-1)]
+        self.activations.setdefault(key, []).append(rows)
+
+    def install(self) -> None:
+        for group, per_layer in self.names.items():
+            for layer, names in per_layer.items():
+                module = self.model.get_submodule(names[0])
+                self.add(module.register_forward_pre_hook(partial(self._keep, (layer, group))))
+
+
+def _split_names(sites) -> tuple[list[str], list[str]]:
+    """(FFN sites for ActivationCapture, attention groups for LinearInputCapture) of the names;
+    the FFN groups ``input`` / ``intermediate`` are the FFN sites of the same name."""
+    names = [sites] if isinstance(sites, str) else list(sites)
+    ffn, attention = [], []
+    for name in names:
+        if name == ALL_LINEAR or name in ATTENTION_GROUPS:
+            for group in expand_groups(name):
+                (attention if group in ATTENTION_GROUPS else ffn).append(group)
+        else:
+            ffn.append(name)
+    return list(dict.fromkeys(ffn)), list(dict.fromkeys(attention))
+
+
 @torch.no_grad()
 def capture_activations(model: nn.Module, batches, sites, layers=None) -> dict[tuple[int, str], torch.Tensor]:
-    """Dense site activations [tokens, D] per (layer, site) over the calibration ``batches``."""
+    """Dense activations [tokens, D] per (layer, site) over the calibration ``batches``; ``sites``
+    may name FFN sites and linear input groups (``attention``, ``attention_output``, ``all_linear``)."""
     batches = list(batches)
     if not batches:
         raise ValueError("calibration needs at least one batch of input_ids")
-    with ActivationCapture(model, sites, layers, keep=True) as capture:
+    ffn, attention = _split_names(sites)
+    with ExitStack() as stack:
+        captures = []
+        if ffn:
+            captures.append(stack.enter_context(ActivationCapture(model, ffn, layers, keep=True)))
+        if attention:
+            captures.append(stack.enter_context(LinearInputCapture(model, attention, layers)))
         for input_ids in batches:
             model(input_ids=input_ids)
-    return {key: torch.cat(rows) for key, rows in capture.activations.items()}
+    return {key: torch.cat(rows) for capture in captures for key, rows in capture.activations.items()}
 
 
 def magnitude_quantile(values: torch.Tensor, fraction: float) -> float:
@@ -83,16 +141,20 @@ def magnitude_quantile(values: torch.Tensor, fraction: float) -> float:
 
 def thresholds_from_activations(activations: dict[tuple[int, str], torch.Tensor],
                                 target_sparsity: float) -> LayerThresholds:
-    """Per (site, layer): the ``target_sparsity`` quantile of ``|x|`` over captured activations."""
+    """Per (site, layer): the ``target_sparsity`` quantile of ``|x|`` over captured activations
+    (their finite token rows)."""
     _check_target(target_sparsity)
     values: dict[str, dict[int, float]] = {}
     for (layer, site), rows in sorted(activations.items()):
-        values.setdefault(site, {})[layer] = magnitude_quantile(rows, float(target_sparsity))
+        rows = rows.reshape(-1, rows.shape[-1])
+        values.setdefault(site, {})[layer] = magnitude_quantile(rows[torch.isfinite(rows).all(dim=-1)],
+                                                                float(target_sparsity))
     return LayerThresholds(float(target_sparsity), values)
 
 
 def calibrate_thresholds(model: nn.Module, batches, sites, target_sparsity: float, layers=None) -> LayerThresholds:
-    """Per (site, layer): the ``target_sparsity`` quantile of ``|x|`` on the calibration batches."""
+    """Per (site, layer): the ``target_sparsity`` quantile of ``|x|`` on the calibration batches.
+    ``sites``: FFN sites and/or linear input groups (``"all_linear"`` for the TEAL mode)."""
     _check_target(target_sparsity)
     return thresholds_from_activations(capture_activations(model, batches, sites, layers), target_sparsity)
 

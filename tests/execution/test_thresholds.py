@@ -67,3 +67,46 @@ def test_thresholds_round_trip_and_bad_input():
         calibrate_thresholds(model, _documents(1), "input", 1.0)
     with pytest.raises(ValueError, match="at least one batch"):
         calibrate_thresholds(model, [], "input", 0.5)
+
+
+@pytest.mark.parametrize("target", [0.3, 0.7])
+def test_all_linear_thresholds_reach_target_on_held_out_text(target):
+    from common.execution import ALL_LINEAR, SparseLinearExecution
+
+    model = tiny_model("qwen2")
+    thresholds = calibrate_thresholds(model, _documents(seed=10), ALL_LINEAR, target)
+    assert set(thresholds.values) == {"attention", "attention_output", "input", "intermediate"}
+    assert all(set(per_layer) == {0, 1} for per_layer in thresholds.values.values())
+    with torch.no_grad(), SparseLinearExecution(model, thresholds=thresholds) as sparse:
+        for ids in _documents(seed=20):
+            model(input_ids=ids)
+    for group, summary in sparse.sparsity().items():
+        assert summary["pooled"] == pytest.approx(target, abs=2 * HELD_OUT_TOLERANCE), group
+
+
+def test_attention_inputs_are_captured_where_the_site_table_says():
+    """The q/k/v input is the attention's normed input; the FFN groups are the FFN sites."""
+    from common.execution.thresholds import capture_activations
+
+    model = tiny_model("llama")
+    ids = _documents(seed=3, count=1)[0]
+    captured = capture_activations(model, [ids], ["attention", "attention_output", "input"])
+    assert {site for _, site in captured} == {"attention", "attention_output", "input"}
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        embedded = model.model.embed_tokens(ids)
+        normed = layer.input_layernorm(embedded)
+    torch.testing.assert_close(captured[(0, "attention")], normed[0], rtol=0, atol=1e-6)
+    assert captured[(0, "attention_output")].shape == (ids.shape[1], 32)
+
+
+def test_magnitude_mask_keeps_nan_and_calibration_skips_nonfinite_rows():
+    from common.execution.thresholds import magnitude_mask, thresholds_from_activations
+
+    x = torch.tensor([[0.1, float("nan"), -2.0, float("inf")]])
+    assert magnitude_mask(x, 0.5).tolist() == [[False, True, True, True]]  # NaN never silently dropped
+    assert magnitude_mask(x, 0.0).all()
+    rows = torch.arange(1.0, 9.0).reshape(2, 4)
+    poisoned = torch.cat([rows, torch.full((1, 4), float("nan"))])
+    assert thresholds_from_activations({(0, "input"): poisoned}, 0.5).values == \
+        thresholds_from_activations({(0, "input"): rows}, 0.5).values
