@@ -8,6 +8,10 @@ is not counted).
     python benchmarks/bench_eval_overhead.py --model smollm2-135m --task bb_social_iqa --limit 100 --dtype float32
     python benchmarks/bench_eval_overhead.py --threads 1   # as one sweep shard runs
     python benchmarks/bench_eval_overhead.py --compare-torch-path   # fused top-p kernel on and off
+    python benchmarks/bench_eval_overhead.py --threads 1 --compare-torch-path --output results/eval_overhead/smollm2-135m/cpu
+
+``--output DIR`` also writes ``DIR/summary.json`` (setup, and per site the dense and sparse seconds
+of every repeat), which the findings page reads.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,6 +46,7 @@ def main() -> None:
     parser.add_argument("--compare-torch-path", action="store_true",
                         help="also time each sparse run with the fused top-p CPU kernel off (the pure-torch "
                              "path), alternating with the others")
+    parser.add_argument("--output", type=Path, default=None, help="a folder for summary.json (per-repeat times)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,6 +86,7 @@ def main() -> None:
         header += " pure-torch sparse s | ratio | CPU ratio |"
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
+    rows = []
     for site in args.sites:
         dense, sparse, plain = [], [], []
         for _ in range(args.repeats):
@@ -94,6 +101,19 @@ def main() -> None:
             t, tc = statistics.median(t[0] for t in plain), statistics.median(t[1] for t in plain)
             row += f" {t:.2f} | {t / d:.2f}x | {tc / dc:.2f}x |"
         print(row, flush=True)
+        rows.append({"site": site, "dense_seconds": [t[0] for t in dense], "sparse_seconds": [t[0] for t in sparse],
+                     "dense_cpu_seconds": [t[1] for t in dense], "sparse_cpu_seconds": [t[1] for t in sparse],
+                     **({"pure_torch_seconds": [t[0] for t in plain]} if compare else {})})
+    if args.output is not None:
+        from common.evaluation.provenance import environment
+        from common.evaluation.store import atomic_write_json
+
+        setup = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "task": args.task,
+                 "limit": args.limit, "value": args.value, "kernel": kernel, "repeats": args.repeats,
+                 "load_average": os.getloadavg()}
+        atomic_write_json(args.output / "summary.json", {"setup": setup, "rows": rows,
+                                                         "provenance": environment(args.dtype, "cpu")})
+        print(f"written: {args.output / 'summary.json'}")
 
 
 if __name__ == "__main__":

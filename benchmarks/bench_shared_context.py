@@ -7,14 +7,20 @@ float32, within one item in bfloat16) and the measured sparsity (which moves: th
 counts each context token once per item, the per-request path once per choice).
 
     python benchmarks/bench_shared_context.py --model smollm2-135m --limit 20 --dtype float32
+    python benchmarks/bench_shared_context.py --limit 40 --threads 1 --repeats 3 --output results/shared_context/smollm2-135m/cpu
+
+``--output DIR`` also writes ``DIR/summary.json`` (setup, and per site and path the wall and scoring
+seconds of every repeat), which the findings page reads.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,6 +41,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads (torch.set_num_threads; a sweep shard runs with 1); default: torch's")
+    parser.add_argument("--output", type=Path, default=None, help="a folder for summary.json (per-repeat times)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,6 +121,20 @@ def main() -> None:
         for task, score in results[(site, True)][1].items():
             assert abs(score - reference[task]) <= tolerance, (site, task, score, reference[task])
     print(f"scores identical between the paths (tolerance {tolerance:.3f})")
+    if args.output is not None:
+        from common.evaluation.provenance import environment
+        from common.evaluation.store import atomic_write_json
+
+        rows = [{"site": site or "dense", "path": "shared" if shared else "per-request",
+                 "wall_seconds": times[(site, shared)], "scoring_seconds": scoring[(site, shared)],
+                 "token_positions": results[(site, shared)][0], "sparsity": results[(site, shared)][2],
+                 "scores": results[(site, shared)][1]} for site, shared in configurations]
+        setup = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "limit": args.limit,
+                 "tasks": tasks, "batch_size": args.batch_size, "repeats": args.repeats, "value": args.value,
+                 "site": args.site, "load_average": os.getloadavg()}
+        atomic_write_json(args.output / "summary.json", {"setup": setup, "rows": rows,
+                                                         "provenance": environment(args.dtype, "cpu")})
+        print(f"written: {args.output / 'summary.json'}")
 
 
 if __name__ == "__main__":

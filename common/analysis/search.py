@@ -51,6 +51,8 @@ COARSE_VALUES = (1.0, 0.95, 0.85, 0.6)  # top-p values spread over measured spar
 DEFAULT_WIDTH = 0.05  # about one paper-grid step in measured sparsity near typical crossings
 DEFAULT_BUDGET = 8  # new rule values per site and criterion (the paper grid has 26)
 VALUE_STEP = 1e-4  # rule values are rounded to this; a gap narrower than two steps cannot be split
+QUICK_BUDGET = 7  # values of the quick protocol's PPL-led search per site, its coarse pass included
+SEARCH_LEADS = ("accuracy", "ppl")  # which criterion places the values (the other reads the same points)
 
 Evaluate = Callable[[float], tuple[float, Sequence[np.ndarray]]]
 Curves = Callable[[list[np.ndarray], list[np.ndarray] | None], np.ndarray]
@@ -70,8 +72,8 @@ def check_search_settings(threshold: float, width: float, budget: int, ppl_perce
                          f"number, got {width}")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
         raise ValueError(f"--budget (new rule values per search) must be a whole number >= 2, got {budget}")
-    if not (isinstance(ppl_percent, (int, float)) and math.isfinite(ppl_percent) and ppl_percent >= 0):
-        raise ValueError(f"--ppl-percent must be a number >= 0, got {ppl_percent}")
+    if not (isinstance(ppl_percent, (int, float)) and math.isfinite(ppl_percent) and ppl_percent > 0):
+        raise ValueError(f"--ppl-percent must be a number above 0, got {ppl_percent}")
 
 
 def noise_aware_search(evaluate: Evaluate, curves: Curves, threshold: float = 0.99, width: float = DEFAULT_WIDTH,
@@ -210,7 +212,8 @@ def _next_value(fit: dict, width: float, candidates: Sequence[float] = (),
 # ---- the sweep's search: every site of a shard, accuracy then PPL-p% -------------------------
 
 def run_search(runner, threshold: float = 0.99, width: float = DEFAULT_WIDTH, budget: int = DEFAULT_BUDGET,
-               ppl_percent: float = 1.0, iterations: int = 1000, spread: float = 0.0) -> list[dict]:
+               ppl_percent: float = 1.0, iterations: int = 1000, spread: float = 0.0,
+               lead: str = "accuracy") -> list[dict]:
     """Search every site of the runner's shard (sites are split across shards, cells are not).
 
     ``runner`` is a ``common.evaluation.sweep.SweepRunner``; the spec is left as it is: pass
@@ -219,7 +222,8 @@ def run_search(runner, threshold: float = 0.99, width: float = DEFAULT_WIDTH, bu
     check_search_settings(threshold, width, budget, ppl_percent, spread)
     count, index = runner.shard[1], runner.shard[0]
     sites = [site for position, site in enumerate(runner.spec.sites) if position % count == index]
-    return [search_site(runner, site, threshold, width, budget, ppl_percent, iterations, spread) for site in sites]
+    return [search_site(runner, site, threshold, width, budget, ppl_percent, iterations, spread, lead)
+            for site in sites]
 
 
 def searched_values(searches: list[dict]) -> dict[str, dict[str, list[float]]]:
@@ -230,16 +234,25 @@ def searched_values(searches: list[dict]) -> dict[str, dict[str, list[float]]]:
         return sorted({point["value"] for part in parts for point in part["points"]}, reverse=True)
 
     return {search["site"]: {"scoring": ordered([search]), "perplexity": ordered([search, *search["ppl"].values()])}
-            for search in searches}
+            for search in searches}  # a PPL-led search's points are its PPL values: both criteria read them
 
 
 def search_site(runner, site: str, threshold: float = 0.99, width: float = DEFAULT_WIDTH,
                 budget: int = DEFAULT_BUDGET, ppl_percent: float = 1.0, iterations: int = 1000,
-                spread: float = 0.0) -> dict:
-    """The task-average accuracy criterion, then PPL-p% on each perplexity task, for one site."""
+                spread: float = 0.0, lead: str = "accuracy") -> dict:
+    """The task-average accuracy criterion, then PPL-p% on each perplexity task, for one site.
+
+    ``lead="ppl"`` (the quick protocol) searches the PPL-p% criterion alone, from the coarse
+    values on, and scores every task at each value it evaluates: the accuracy reading and the
+    comparisons at equal sparsity are then read off the same points, with no values of their own.
+    """
+    if lead not in SEARCH_LEADS:
+        raise ValueError(f"the search leads with one of {', '.join(SEARCH_LEADS)}, not {lead!r}")
     spec = runner.spec
     before = runner.evaluations
     dense = {task: runner.cell(DENSE, 1.0, task) for task in spec.tasks}
+    if lead == "ppl":
+        return _ppl_led_search(runner, site, dense, threshold, width, budget, ppl_percent, iterations, spread, before)
     scoring = [t for t in spec.tasks if t not in PERPLEXITY_TASKS]
     used = [t for t in scoring if dense[t]["metrics"][spec.metric_for(t)]]
     if not used:
@@ -268,12 +281,33 @@ def search_site(runner, site: str, threshold: float = 0.99, width: float = DEFAU
     return out
 
 
+def _ppl_led_search(runner, site: str, dense: dict, threshold: float, width: float, budget: int, ppl_percent: float,
+                    iterations: int, spread: float, before: int) -> dict:
+    """The quick protocol's search of one site: PPL-p% on the (first) perplexity task, every task
+    scored at each value; ``points`` are its values, which the report reads for every criterion."""
+    tasks = [t for t in runner.spec.tasks if t in PERPLEXITY_TASKS]
+    if not tasks:
+        raise ValueError("a search led by PPL-p% needs a perplexity task (fables_ppl) among --tasks")
+    task = tasks[0]
+    found = _perplexity_search(runner, site, task, dense[task], [], ppl_percent, width, budget, iterations, spread,
+                               coarse=COARSE_VALUES, every_task=True)
+    return {"site": site, "lead": "ppl", "tasks": [t for t in runner.spec.tasks if t not in PERPLEXITY_TASKS],
+            "points": found["points"], "order": found["order"], "ppl": {task: found},
+            "cells_evaluated": runner.evaluations - before}
+
+
 def _perplexity_search(runner, site: str, task: str, dense: dict, known: list[float], ppl_percent: float,
-                       width: float, budget: int, iterations: int, spread: float = 0.0) -> dict:
+                       width: float, budget: int, iterations: int, spread: float = 0.0, coarse=(),
+                       every_task: bool = False) -> dict:
+    """The PPL-p% search on ``task`` from the ``known`` values; ``every_task``: each new value is
+    scored on every task of the sweep, not only on ``task``."""
     dense_logliks = np.array([i["loglikelihood"] for i in dense["items"]])
     words = np.array([i["words"] for i in dense["items"]], dtype=float)
 
     def evaluate(value: float) -> tuple[float, list[np.ndarray]]:
+        if every_task:
+            for other in runner.spec.tasks:
+                runner.cell(site, value, other)
         result = runner.cell(site, value, task)
         return measured_sparsity(result, site), [_item_scores(result, "loglikelihood", len(words))]
 
@@ -285,7 +319,7 @@ def _perplexity_search(runner, site: str, task: str, dense: dict, known: list[fl
     def band(sparsity, items, curve, resampled):
         return resampled_band(sparsity, curve, resampled, threshold)
 
-    return noise_aware_search(evaluate, curves, threshold, width, budget, coarse=(), known=known,
+    return noise_aware_search(evaluate, curves, threshold, width, budget, coarse=coarse, known=known,
                               candidates=runner.spec.grid, iterations=iterations,
                               label=f"PPL-{ppl_percent:g}% {site}", verbose=runner.verbose, band=band,
                               spread=spread)

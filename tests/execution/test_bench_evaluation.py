@@ -3,6 +3,7 @@ overhead (sparse against dense) and shared-context against per-request scoring."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,9 +33,9 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
 
 
-def test_eval_overhead_on_tiny_model(tiny_dir):
+def test_eval_overhead_on_tiny_model(tiny_dir, tmp_path):
     result = _run("bench_eval_overhead.py", "--model", str(tiny_dir), "--limit", "3", "--repeats", "1",
-                  "--sites", "intermediate", "input", "--threads", "1")
+                  "--sites", "intermediate", "input", "--threads", "1", "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 threads" in result.stdout
     rows = _table(result.stdout)
@@ -43,17 +44,24 @@ def test_eval_overhead_on_tiny_model(tiny_dir):
         dense, sparse, ratio = float(row[1]), float(row[2]), float(row[3].rstrip("x"))
         rounding = 0.005 * (dense + sparse) / dense ** 2 + 0.005  # the times are printed to 0.01 s
         assert dense > 0 and sparse > 0 and ratio == pytest.approx(sparse / dense, abs=rounding)
+    summary = json.loads((tmp_path / "summary.json").read_text())  # what the findings page reads
+    assert summary["setup"]["threads"] == 1 and [r["site"] for r in summary["rows"]] == ["intermediate", "input"]
+    for row, printed in zip(summary["rows"], rows):
+        assert len(row["dense_seconds"]) == 1 and row["dense_seconds"][0] == pytest.approx(float(printed[1]), abs=0.006)
 
 
-def test_shared_context_benchmark_on_tiny_model(tiny_dir):
+def test_shared_context_benchmark_on_tiny_model(tiny_dir, tmp_path):
     result = _run("bench_shared_context.py", "--model", str(tiny_dir), "--limit", "3", "--repeats", "1",
-                  "--tasks", "bb_social_iqa", "--threads", "1")
+                  "--tasks", "bb_social_iqa", "--threads", "1", "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "scores identical between the paths (tolerance 0.000)" in result.stdout
     rows = _table(result.stdout)
     assert [(row[0], row[1]) for row in rows] == [("dense", "per-request"), ("dense", "shared"),
                                                    ("intermediate", "per-request"), ("intermediate", "shared")]
     assert all(int(row[6]) > 0 for row in rows)  # token positions (equal here: the tiny model truncates every request)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["site"], r["path"]) for r in summary["rows"]] == [(row[0], row[1]) for row in rows]
+    assert all(r["token_positions"] == int(row[6]) for r, row in zip(summary["rows"], rows))
 
 
 @pytest.mark.parametrize("script", ["bench_eval_overhead.py", "bench_shared_context.py"])
