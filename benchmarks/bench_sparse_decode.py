@@ -68,11 +68,6 @@ VARIANTS = ("torch", "kernel0", "sparse")
 STREAM_GROUPS = ("attention", "attention_output", "mlp", "head")  # decode-order categories
 SCOPE_CATEGORIES = {"input": ("mlp",), "intermediate": ("mlp",), "gate": ("mlp",),
                     "all_linear": ("attention", "attention_output", "mlp")}
-# Task-average critical sparsity (interpolated, paper grid) of the study's dense sweeps.
-REPORTED_CRITICAL = {
-    "smollm2-135m": {"intermediate": 0.664, "input": 0.450},
-    "gemma3-270m": {"intermediate": 0.659, "input": 0.594},
-}
 QUALITY_TOKENS = 256  # tokens per fable (at most) for the perplexity ratio
 PROMPT = ("A fox, just at the time of the grapes harvest, was walking by a vineyard when he saw a bunch of "
           "ripe grapes hanging from a high branch. He said to himself:")
@@ -87,10 +82,10 @@ def parse_arguments(argv=None):
     parser.add_argument("--scopes", nargs="+", default=list(SCOPES), choices=SCOPES)
     parser.add_argument("--sparsities", nargs="*", type=float, default=DEFAULT_SPARSITIES)
     parser.add_argument("--critical", nargs="*", default=None, metavar="SCOPE=SPARSITY",
-                        help="also measure each scope at its critical sparsity (default: the report's values for "
-                             "input and intermediate of the two real models; no value: none)")
+                        help="also measure each scope at its critical sparsity (SCOPE=SPARSITY; wins over --summary)")
     parser.add_argument("--summary", type=Path, default=None,
-                        help="a dense sweep's critical.json: take each site's task-average critical sparsity from it")
+                        help="a dense sweep's critical.json: measure the input, intermediate and gate scopes at their "
+                             "sites' PPL-1%% critical sparsity (the isotonic crossing; the gate site's is CATS's)")
     parser.add_argument("--rounds", type=int, default=15, help="timed decode-order rounds (each: the three variants)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds / steps first")
     parser.add_argument("--stream-tokens", type=int, default=8, help="decode tokens whose inputs feed the stream")
@@ -129,17 +124,19 @@ def check_arguments(args) -> None:
 
 
 def critical_sparsities(args) -> dict[str, float]:
-    """Scope -> critical sparsity: --critical wins over --summary, which wins over the report's values;
-    ``--critical`` with no value measures none."""
+    """Scope -> critical sparsity: --critical wins over --summary (each site's PPL-p% isotonic crossing,
+    the reading that decides at a few hundred items); ``--critical`` with no value measures none."""
     if args.critical is not None and not args.critical:
         return {}
-    critical = dict(REPORTED_CRITICAL.get(args.model, {}))
+    critical = {}
     if args.summary is not None:
         if not args.summary.is_file():
             raise ValueError(f"--summary {args.summary} does not exist; give a dense sweep's critical.json")
         for entry in json.loads(args.summary.read_text())["critical"]:
-            if "task_average_curve" in entry:
-                critical[entry["site"]] = float(entry["task_average_curve"]["interpolated"])
+            ppl = next((part for key, part in entry.items() if key.startswith("ppl_")), None)
+            crossing = ((ppl or {}).get("isotonic") or {}).get("crossing")
+            if crossing is not None and (ppl["isotonic"].get("status") == "crossed"):
+                critical[entry["site"]] = float(crossing)
     for item in args.critical or []:
         scope, _, value = item.partition("=")
         try:

@@ -1,10 +1,13 @@
 """Dense GLU models: sweep rule thresholds per FFN site through lm-eval, find critical sparsity.
 
-Default: the real SmolLM2-135M (offline, from a PyPI wheel) on the offline BIG-bench suite,
-intermediate site, the paper's 26-point grid, 50 items per task. Resumable: run the same
-command again after an interruption. Examples:
+Default (``--protocol quick``, minutes on two CPU cores): the real SmolLM2-135M (offline, from a
+PyPI wheel) on the offline BIG-bench suite, sites intermediate and input, 50 items per task, a
+noise-aware search led by PPL-1%; it leads with PPL-1% per site, the sites compared by answer KL
+and the accuracy crossing with its band. ``--protocol paper``: every site, the paper's 26-point
+grid, every item. Resumable: run the same command again after an interruption. Examples:
 
     python experiments/dense_sweep.py
+    python experiments/dense_sweep.py --protocol paper --stop-below 0.9 --shard 1/2
     python experiments/dense_sweep.py --model gemma3-270m --sites all --search --limit 100
     python experiments/dense_sweep.py --model google/gemma-3-1b-pt --tasks paper --device cuda --shard 1/4
 """
@@ -13,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from common.cli import add_sweep_arguments, output_folder, positive_float, positive_int, run_main, sweep_settings
+from common.cli.protocol import DEFAULT_PROTOCOL, PROTOCOLS, announce, apply_protocol, explicit_flags
 from common.evaluation.sweep import PAPER_DENSE_GRID
 from common.evaluation.tasks import PERPLEXITY_TASK
 
@@ -31,7 +36,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mc-num", type=positive_int, default=128, help="LLaDA: Monte Carlo samples per likelihood")
     parser.add_argument("--rehearse", action="store_true", help="run the whole study on a small random-weight "
                         "replica of the model's structure (offline, CPU); outputs say rehearsal")
-    args = parser.parse_args()
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=DEFAULT_PROTOCOL,
+                        help="quick (default: sites intermediate and input, 50 items per task, a search led by "
+                             "PPL-1%%: minutes on two CPU cores) or paper (every site, every grid value, every item); "
+                             "flags given explicitly win")
+    argv = sys.argv[1:]
+    args = parser.parse_args(argv)
+    apply_protocol(args, explicit_flags(parser, argv))
     if args.rehearse:
         from common.cli.rehearsal import QUICK_SWEEP, rehearsal_defaults
 
@@ -47,6 +58,7 @@ def main() -> None:
     from common.models.loading import load_causal_lm
 
     sites, tasks, shard, grid, device, dtype, device_map = sweep_settings(args, PAPER_DENSE_GRID)
+    announce(args, tasks)
     from common.models.loading import check_model_name
     from common.models.plan import print_plan
     from common.cli.rehearsal import mark_rehearsal
@@ -85,7 +97,11 @@ def main() -> None:
         from common.analysis.report import effective_rank_pass
 
         extra["effective_rank"] = effective_rank_pass(model, tokenizer, sites, output)
-    if run_sweep(args, lm, spec, store, shard, args.ppl_percent, extra) is not None:
+    from common.cli.criteria import criterion_runs
+    from common.cli.flags import criterion_grids
+
+    (spec, calibrate), *others = criterion_runs(spec, criterion_grids(args, grid), model, tokenizer, args.model)
+    if run_sweep(args, lm, spec, store, shard, args.ppl_percent, extra, calibrate, others) is not None:
         if args.rehearse:
             mark_rehearsal(output, real_name, model)
         print(f"results: {output}/tidy.csv, critical.json, figures/")

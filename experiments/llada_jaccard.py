@@ -31,7 +31,12 @@ def parse_args() -> argparse.Namespace:
                         help="llada-8b-base, llada-8b-instruct, a hub id, a checkpoint directory, or tiny-llada-chars")
     parser.add_argument("--site", default="intermediate", choices=SITES)
     parser.add_argument("--rule", default="topp", choices=["topp", "maxp", "topk"])
-    parser.add_argument("--value", type=float, default=0.9, help="rule threshold p (the paper fixes it at the critical value)")
+    parser.add_argument("--criterion", default="magnitude",
+                        help="magnitude (default: the magnitude score with --rule), teal, cats, scap, wina, larosa, a "
+                             "score with --rule, or score-selection (common.core.criteria); a calibrated one reads "
+                             "--value as its target sparsity")
+    parser.add_argument("--value", type=float, default=0.9, help="rule threshold p (the paper fixes it at the critical "
+                        "value), or a calibrated criterion's target sparsity")
     parser.add_argument("--power", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--gen-length", type=int, default=64)
@@ -46,8 +51,9 @@ def parse_args() -> argparse.Namespace:
                         help="also run the released code's computation (top-p over the flattened sequence, "
                              "flattened Jaccard) and compare it with the per-token one")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template (instruct)")
-    parser.add_argument("--reuse", type=int, nargs="*", default=[1, 2, 4, 8],
-                        help="mask-reuse experiment: reuse masks for r steps (give no value to skip it)")
+    parser.add_argument("--reuse", type=int, nargs="*", default=None,
+                        help="mask-reuse experiment: reuse masks for r steps (default 1 2 4 8 for the magnitude "
+                             "criterion, none for the others; give no value to skip it)")
     parser.add_argument("--dump-every", type=int, default=0, help="save bit-packed masks every k steps")
     parser.add_argument("--dtype", default="auto", help="auto (default: bfloat16 on GPUs and CPUs with native "
                         "bfloat16, else float32), float32, bfloat16 or float16")
@@ -61,7 +67,10 @@ def parse_args() -> argparse.Namespace:
     if args.rehearse:
         from common.cli.rehearsal import rehearsal_defaults
 
-        rehearsal_defaults(parser, args, limit=4, steps=16, gen_length=32, block_length=16, reuse=[1, 2])
+        from common.core.criteria import parse_criterion
+
+        reuse = [1, 2] if parse_criterion(args.criterion, args.rule).is_rule else []
+        rehearsal_defaults(parser, args, limit=4, steps=16, gen_length=32, block_length=16, reuse=reuse)
     return args
 
 
@@ -74,7 +83,13 @@ def main() -> None:
     real_name = args.model
     if args.rehearse:  # outputs (folder, summary, figure titles) carry the rehearsal label
         args.model = rehearsal_label(real_name)
-    study = JaccardStudy(model=args.model, site=args.site, rule=args.rule, value=args.value, power=args.power,
+    from common.core.criteria import parse_criterion
+
+    criterion = parse_criterion(args.criterion, args.rule)
+    if args.reuse is None:
+        args.reuse = [1, 2, 4, 8] if criterion.is_rule else []
+    study = JaccardStudy(model=args.model, site=args.site, rule=criterion.selection, score=criterion.score,
+                         value=args.value, power=args.power,
                          steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
                          cfg_scale=args.cfg_scale, temperature=args.temperature, remasking=args.remasking,
                          reuse=args.reuse, dump_every=args.dump_every, batch_size=args.batch_size,

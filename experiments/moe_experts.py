@@ -47,6 +47,14 @@ def main() -> None:
     if args.critical_value is not None:
         validate_rule(args.rule, args.critical_value, args.power)
         grid = sorted(set(grid) | {args.critical_value}, reverse=True)  # its cells are needed for the expert tables
+    from common.cli.flags import criterion_grids
+    from moe_sparsity.experts import check_expert_criterion, expert_calibration
+
+    grids = criterion_grids(args, grid)
+    if len(grids) > 1:
+        raise ValueError("the expert study reads one criterion per run; give --criterion once (e.g. weighted)")
+    criterion, sites, grid = grids[0]
+    check_expert_criterion(criterion, sites)  # before the model loads
     from common.models.loading import check_model_name
     from common.models.plan import print_plan
     from common.cli.rehearsal import mark_rehearsal
@@ -70,8 +78,12 @@ def main() -> None:
     spec = SweepSpec(model=args.model, sites=sites, tasks=tasks, rule=args.rule, power=args.power, grid=grid,
                      limit=args.limit or None, metric=args.metric, dtype=str(dtype).replace("torch.", ""),
                      device_type=model.device.type, stop_below=args.stop_below, stop_after=args.stop_after)
+    from common.cli.criteria import criterion_runs
+
+    [(spec, calibrate)] = criterion_runs(spec, grids, model, tokenizer, args.model,
+                                         calibration_for=lambda c: lambda site, value: expert_calibration(model, c))
     summary = run_sweep(args, lm, spec, store, shard,
-                        extra={"experts_implementation": model.config._experts_implementation})
+                        extra={"experts_implementation": model.config._experts_implementation}, calibrate=calibrate)
     if summary is None:
         return
     experts = write_expert_study(store, spec, summary["critical"], output, args.critical_value)

@@ -49,7 +49,8 @@ class LLaDALM(SparsificationSettings, LM):
             from contextlib import nullcontext
 
             return nullcontext()
-        return Sparsifier(self.model, self.sites, self.rule, self.value, self.power, self.layers, self.recorder)
+        return Sparsifier(self.model, self.sites, self.rule, self.value, self.power, self.layers, self.recorder,
+                          criterion=self.criterion, calibration=self.calibration)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """The official split: trailing spaces of the context move to the continuation."""

@@ -27,10 +27,9 @@ import torch
 from tqdm import tqdm
 
 from common.analysis import figures as plots
+from common.core.criteria import Criterion
 from common.core.hooks import Sparsifier
 from common.core.recorder import SparsityRecorder
-from common.core.rules import validate_rule
-from common.core.sites import expand_sites
 from common.core.stats import summarize
 from common.evaluation.provenance import environment
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
@@ -68,19 +67,32 @@ class JaccardStudy:
     paper_compat: bool = False
     dtype: str | None = None  # set by run_study from the model (part of the cell key)
     device_type: str | None = None
+    # A criterion other than the magnitude score (common.core.criteria; ``rule`` is its selection,
+    # ``threshold`` with a target sparsity as the value) and, where it reads calibration text, the
+    # corpus (set by run_study). Neither joins the key at its default, so old cells stay valid.
+    score: str = "magnitude"
+    calibration: str | None = None
+
+    def criterion(self) -> Criterion:
+        return Criterion(self.score, self.rule)
 
     def validate(self) -> None:
-        validate_rule(self.rule, self.value, self.power)
+        criterion = self.criterion()
+        criterion.check_value(self.value, self.power)
         check_sampling(self.temperature, self.cfg_scale)
-        expand_sites(self.site)
+        criterion.check_sites(self.site)
         check_schedule(self.steps, self.gen_length, self.block_length)
         check_reuse_values(self.reuse)
         if self.dump_every < 0:
             raise ValueError(f"--dump-every must be >= 0 (0 = no dumps, k = every k-th step), got {self.dump_every}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.paper_compat and self.rule not in PAPER_COMPAT_RULES:
-            raise ValueError(f"--paper-compat reproduces the released top-p; use --rule topp, not {self.rule!r}")
+        if self.paper_compat and (self.rule not in PAPER_COMPAT_RULES or not criterion.is_rule):
+            raise ValueError(f"--paper-compat reproduces the released top-p; use --rule topp, not criterion "
+                             f"{criterion.name}")
+        if self.reuse and not criterion.is_rule:
+            raise ValueError(f"the mask-reuse experiment reuses magnitude masks; give --reuse with no value for "
+                             f"criterion {criterion.name}")
 
     def check_length(self, max_positions: int | None) -> None:
         """Refuse a generation longer than the model's positions (before allocating anything)."""
@@ -91,6 +103,10 @@ class JaccardStudy:
     def key(self, prompt: str, computation: str = PER_TOKEN) -> dict:
         excluded = ("reuse", "dump_every", "batch_size", "paper_compat")
         fields = {k: v for k, v in asdict(self).items() if k not in excluded}
+        if fields["score"] == "magnitude":
+            del fields["score"]
+        if fields["calibration"] is None:
+            del fields["calibration"]
         key = {**fields, "prompt_sha": hashlib.sha1(prompt.encode()).hexdigest()[:16]}
         return key if computation == PER_TOKEN else {**key, "computation": computation}
 
@@ -119,11 +135,12 @@ def encode_prompts(tokenizer, texts: list[str], device, mask_id: int) -> tuple[t
 
 
 def run_batch(model, tokenizer, study: JaccardStudy, prompts: list[str], computation: str = PER_TOKEN,
-              dump_dirs: list[Path | None] | None = None) -> list[dict]:
+              dump_dirs: list[Path | None] | None = None, calibration=None) -> list[dict]:
     """One batched generation with sparsification on; per prompt: the per-step metrics and the text.
 
-    ``per_token``: the toolkit's rule (and, with ``study.reuse``, the mask-reuse experiment);
-    ``paper_compat``: the released code's flattened rule. Both measure every set definition.
+    ``per_token``: the toolkit's rule or the study's criterion (with its ``calibration``; and, with
+    ``study.reuse``, the mask-reuse experiment); ``paper_compat``: the released code's flattened
+    rule. Both measure every set definition.
     """
     device = next(model.parameters()).device
     mask_id = model_mask_id(model)
@@ -150,7 +167,8 @@ def run_batch(model, tokenizer, study: JaccardStudy, prompts: list[str], computa
             tokens, reuse_rows = generate_with_reuse_probe(model, ids, *arguments, reuse_values=study.reuse,
                                                            on_step=progress, **kwargs)
         else:
-            with Sparsifier(model, *arguments, recorder=recorder):
+            criterion = None if study.criterion().is_rule else study.criterion()
+            with Sparsifier(model, *arguments, recorder=recorder, criterion=criterion, calibration=calibration):
                 tokens = generate(model, ids, on_step=progress, **kwargs)
     jaccard.finish()
     jaccard_rows, sparsity_rows = jaccard.rows(), jaccard.sparsity_rows()
@@ -185,6 +203,14 @@ def run_study(model, tokenizer, study: JaccardStudy, prompts: list[str], output:
     parameter = next(model.parameters())
     provenance = environment(parameter.dtype, parameter.device)
     study = replace(study, dtype=provenance["dtype"], device_type=parameter.device.type)
+    calibration = None
+    if not study.criterion().is_rule:  # computed (or read from the cache) before any prompt runs
+        from common.evaluation.calibration import Calibrator
+
+        calibrator = Calibrator(model, tokenizer, study.model, study.criterion())
+        study = replace(study, calibration=calibrator.corpus_id)
+        calibration = calibrator(study.site, study.value)
+        provenance["calibration"] = {**calibration.summary(), "provenance": calibrator.provenance(study.site)}
     store = ResultStore(output, provenance=provenance, allow_mixed=allow_mixed)
     computations = (PER_TOKEN, PAPER_COMPAT) if study.paper_compat else (PER_TOKEN,)
     for computation in computations:
@@ -200,7 +226,8 @@ def run_study(model, tokenizer, study: JaccardStudy, prompts: list[str], output:
                 if study.dump_every:
                     folder = output / "masks" if computation == PER_TOKEN else output / "masks" / computation
                     dump_dirs = [folder / study.key(p)["prompt_sha"] for p in batch]
-                for prompt, result in zip(batch, run_batch(model, tokenizer, study, batch, computation, dump_dirs)):
+                for prompt, result in zip(batch, run_batch(model, tokenizer, study, batch, computation, dump_dirs,
+                                                           calibration)):
                     store.put(study.key(prompt, computation), result)
                 progress.update(len(batch))
     results = {c: [store.get(study.key(p, c)) for p in prompts] for c in computations}

@@ -16,6 +16,13 @@ The backends are registered in ``ALL_EXPERTS_FUNCTIONS`` as ``activation_sparsit
 and selected with ``model.set_experts_implementation`` only inside the context. Statistics per
 (layer, expert, site): kept and counted entries and routed real tokens, from each routed row's
 expert id; padding is excluded with the recorder's valid-token mask.
+
+Criteria (``common.core.criteria``): the magnitude score with any per-token rule, and the weighted
+score (WINA) at the intermediate site with a per-token rule, ranking each routed row by |x_i| times
+the norm of column i of its own expert's down projection (``expert_column_norms``). Calibrated
+thresholds, modes and rotations are per layer of a dense FFN and are refused here, and so is the
+weighted score at the input, whose consumer differs per routed expert while the input is masked
+once per token.
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ from transformers.integrations.moe import (
     grouped_mm_experts_forward,
 )
 
+from common.core.calibration import Calibration
+from common.core.criteria import Criterion, LayerState, apply_criterion
 from common.core.hooks import ModelHooks
 from common.core.recorder import SparsityRecorder
-from common.core.rules import sparsify_and_count, validate_rule
+from common.core.rules import sparsify_and_count
 from common.core.sites import detect_architecture, expand_sites, layer_list_path, resolve_layers
 
 from .counting import add_expert_totals
@@ -64,8 +73,10 @@ class _Rows:
 class _ExpertRows:
     """Rows of one expert in the eager loop: the (token, slot) pairs routed to it."""
 
-    def __init__(self, top_k_index: torch.Tensor, token_idx: torch.Tensor, top_k_pos: torch.Tensor):
+    def __init__(self, top_k_index: torch.Tensor, token_idx: torch.Tensor, top_k_pos: torch.Tensor,
+                 expert: torch.Tensor):
         self.top_k_index, self.token_idx, self.top_k_pos = top_k_index, token_idx, top_k_pos
+        self.experts = expert.reshape(1)  # every row's expert
 
     def to_slots(self, per_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         slots = torch.zeros(self.top_k_index.shape, dtype=per_row.dtype, device=per_row.device)
@@ -87,7 +98,13 @@ class _ExpertState:
         owner = self.owner
         if site not in owner.sites:
             return tensor
-        sparse, kept = sparsify_and_count(tensor, owner.rule, owner.value, owner.power)
+        if owner.criterion.is_rule:
+            sparse, kept = sparsify_and_count(tensor, owner.rule, owner.value, owner.power)
+        else:  # the weighted score: each row by its own expert's down-projection column norms
+            norms = owner.column_norms[self.layer]
+            experts = rows.experts.clamp(max=norms.shape[0] - 1)  # transformers' sentinel rows are dropped anyway
+            state = LayerState(column_norms=norms.to(tensor.device, tensor.dtype)[experts].expand_as(tensor))
+            sparse, kept, _ = apply_criterion(tensor, owner.criterion, owner.value, state, owner.power)
         slots, selected = rows.to_slots(kept)
         owner._report(self.layer, site, slots, selected, rows.top_k_index, tensor.shape[-1])
         return sparse
@@ -128,7 +145,7 @@ def _eager_forward(self, hidden_states, top_k_index, top_k_weights):
         if expert_idx == self.num_experts:
             continue
         top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-        rows = _ExpertRows(top_k_index, token_idx, top_k_pos)
+        rows = _ExpertRows(top_k_index, token_idx, top_k_pos, expert_idx)
         current_state = hidden_states[token_idx]
         gate_up = nn.functional.linear(current_state, self.gate_up_proj[expert_idx])
         current_hidden_states = state.apply_gate(self, gate_up, rows)
@@ -182,24 +199,63 @@ def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
     return out
 
 
+def check_expert_criterion(criterion: Criterion, sites) -> None:
+    """A one-line error for a criterion the fused experts cannot take (see the module docstring)."""
+    if criterion.is_rule:
+        return
+    if criterion.score == "weighted" and not criterion.calibrated and set(expand_sites(sites)) <= {"intermediate"}:
+        return
+    raise ValueError(f"criterion {criterion.name} does not apply to fused MoE experts at "
+                     f"{', '.join(expand_sites(sites))}: they take the magnitude score, or the weighted score at "
+                     "the intermediate site, with a per-token rule (topp, topk, maxp)")
+
+
+def expert_column_norms(model: nn.Module, layers=None) -> dict[int, torch.Tensor]:
+    """Layer -> [E, I] (float32): the norm of column i of expert e's down projection (WINA's
+    weight for the intermediate entry i of a row routed to e)."""
+    chosen = set(resolve_layers(model, layers))
+    return {layer: module.down_proj.detach().double().pow(2).sum(dim=1).sqrt().float()
+            for layer, module in experts_modules(model).items() if layer in chosen}
+
+
+def expert_calibration(model: nn.Module, criterion: Criterion, layers=None) -> Calibration:
+    """The calibration of a criterion on fused experts: the per-expert column norms [E, I] of the
+    weighted score at the intermediate site (nothing for the magnitude score)."""
+    calibration = Calibration(criterion)
+    if criterion.score == "weighted":
+        calibration.column_norms = {(layer, "intermediate"): norms
+                                    for layer, norms in expert_column_norms(model, layers).items()}
+    return calibration
+
+
 class ExpertSparsifier(ModelHooks):
     """Context manager: sparsify expert sites with a rule; counts per (layer, expert, site).
 
     ``per_token_sink(layer, site, kept_slots [T, K], selected, top_k_index [T, K], width)`` gets the
     kept count of every routed (token, slot) when given (the lm-eval bridge commits them later
     with lm-eval's own request lengths); otherwise counts go to ``recorder`` right away.
+    ``criterion``: the weighted score at the intermediate site besides the magnitude rule; its
+    per-expert column norms come from ``calibration`` (``expert_calibration``) or the weights.
     """
 
     def __init__(self, model: nn.Module, sites="intermediate", rule: str = "topp", value: float = 1.0,
                  power: float = 1.0, layers=None, recorder: SparsityRecorder | None = None,
-                 per_token_sink=None):
-        validate_rule(rule, value, power)
+                 per_token_sink=None, criterion: Criterion | None = None, calibration: Calibration | None = None):
+        self.criterion = Criterion("magnitude", rule) if criterion is None else criterion
+        self.criterion.check_value(value, power)
+        check_expert_criterion(self.criterion, sites)
         super().__init__(model, recorder)
         self.modules = experts_modules(model)
         chosen = set(resolve_layers(model, layers))
         self.modules = {i: m for i, m in self.modules.items() if i in chosen}
         self.sites = set(expand_sites(sites))
-        self.rule, self.value, self.power = rule, float(value), float(power)
+        self.rule, self.value, self.power = self.criterion.selection, float(value), float(power)
+        self.column_norms: dict[int, torch.Tensor] = {}
+        if self.criterion.score == "weighted":
+            given = calibration.column_norms if calibration is not None else {}
+            computed = expert_column_norms(model, layers) if not given else {}
+            self.column_norms = {layer: given.get((layer, "intermediate"), computed.get(layer))
+                                 for layer in self.modules}
         self.per_token_sink = per_token_sink
         self.backend = getattr(model.config, "_experts_implementation", None) or "grouped_mm"
         if self.backend.startswith(_PREFIX):

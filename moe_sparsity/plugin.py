@@ -11,8 +11,10 @@ from .experts import ExpertSparsifier, experts_modules
 class FusedExpertsBackend:
     """Sparsify fused-experts MoE models per routed row; counts per (layer, expert, site)."""
 
-    def sparsifier(self, model, sites, rule, value, power, layers, recorder, per_token=None):
-        return ExpertSparsifier(model, sites, rule, value, power, layers, recorder, per_token_sink=per_token)
+    def sparsifier(self, model, sites, rule, value, power, layers, recorder, per_token=None, criterion=None,
+                   calibration=None):
+        return ExpertSparsifier(model, sites, rule, value, power, layers, recorder, per_token_sink=per_token,
+                                criterion=criterion, calibration=calibration)
 
     def per_token_counts(self, model, sequence_length: int) -> PerTokenExpertCounts:
         num_experts = next(iter(experts_modules(model).values())).num_experts

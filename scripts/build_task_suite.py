@@ -15,7 +15,7 @@ Two suites:
   and quick runs;
 * ``full`` (task_data/full/*.jsonl): every item of those four tasks plus the candidates on
   which both SmolLM2-135M and Gemma-3-270M passed the dense probe (``--probe``: float32, the
-  first 200 items, verdicts by ``judge``, rows in results/report/suite_probe.csv), at most
+  first 200 items, verdicts by ``judge``, rows in results/task_suite/suite_probe.csv), at most
   ``FULL_CAP`` items per task. Each full file is a permutation seeded by the task name, so
   every prefix of it is a uniform random sample of the task (items can be added later without
   rescoring the ones already scored, and the probe's 200 items are the file's first 200).
@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1] / "common" / "evaluation" / "task_data"
-PROBE_CSV = Path(__file__).resolve().parents[1] / "results" / "report" / "suite_probe.csv"
+PROBE_CSV = Path(__file__).resolve().parents[1] / "results" / "task_suite" / "suite_probe.csv"
 FULL_CAP = 3000
 # timedial's items are long dialogues (~1 kB each): fewer of them keeps the repository small.
 TASK_CAPS = {"timedial": 1500}
@@ -205,7 +205,7 @@ def chance_p_value(correct: int, choices: list[int]) -> float:
 def probe(root: Path, model_name: str, tasks: list[str], limit: int, batch_size: int, alpha: float = 0.01) -> None:
     """Dense float32 accuracy of ``model_name`` on the first ``limit`` items of each candidate.
 
-    Rows go to results/report/suite_probe.csv (one per model and task, replaced when rerun).
+    Rows go to results/task_suite/suite_probe.csv (one per model and task, replaced when rerun).
     """
     import lm_eval
     import torch

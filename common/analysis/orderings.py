@@ -7,6 +7,9 @@ site is scored on the same items): in each bootstrap resample of the items, the 
 both sites, each site's curve is interpolated linearly in measured sparsity at the level, and the
 95% interval of the difference decides the ordering when it excludes zero.
 
+Criteria (``common.core.criteria``) are compared with magnitude top-p the same way
+(``compare_criteria``), site by site.
+
 Three measures, each a task average over the multiple-choice tasks except the last:
 ``accuracy`` (normalized score, the critical-sparsity curve; higher is better), ``choice_kl``
 (mean KL(dense || sparse) over the answer choices, a continuous measure of damage that moves
@@ -29,6 +32,7 @@ from common.evaluation.tasks import PERPLEXITY_TASKS
 
 MEASURES = {"accuracy": "higher", "choice_kl": "lower", "perplexity": "higher"}
 DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5)
+CRITERIA_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # criteria are read further out: calibrated ones reach 0.7
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -149,6 +153,25 @@ def compare_models(first: tuple[ResultStore, SweepSpec, pd.DataFrame],
             b = site_curve(store_b, spec_b, frame_b, site, measure, iterations, task)
             out += [{"models": [spec_a.model, spec_b.model], "site": site, **row}
                     for row in _compare(a, b, spec_a.model, spec_b.model, measure, task, levels)]
+    return out
+
+
+def compare_criteria(candidate: tuple[ResultStore, SweepSpec, pd.DataFrame],
+                     baseline: tuple[ResultStore, SweepSpec, pd.DataFrame], levels=CRITERIA_LEVELS,
+                     iterations: int = 1000) -> list[dict]:
+    """A criterion against a baseline criterion (magnitude top-p), site by site, at each measured
+    sparsity both curves reach: the comparison between sites, paired over the items (the same
+    store, or two stores that scored the same items). Each frame holds its criterion's rows."""
+    (store_a, spec_a, frame_a), (store_b, spec_b, frame_b) = candidate, baseline
+    if store_a is not store_b:
+        _check_same_items(store_a, spec_a, store_b, spec_b)
+    names = [spec_a.criterion_name, spec_b.criterion_name]
+    out = []
+    for site in [s for s in spec_a.sites if s in spec_b.sites]:
+        for measure, task in _criteria(spec_a):
+            a = site_curve(store_a, spec_a, frame_a, site, measure, iterations, task)
+            b = site_curve(store_b, spec_b, frame_b, site, measure, iterations, task)
+            out += [{"criteria": names, "site": site, **row} for row in _compare(a, b, *names, measure, task, levels)]
     return out
 
 

@@ -146,8 +146,9 @@ def coverage(protocol: str = "grid", sweeps: int = 100, documents: int = 189, pp
 
 def _summary(rows: list[dict], truth) -> dict:
     """Coverage, median absolute error and median width of each reading over ``rows``."""
-    out = {"median_error": float(np.median([abs(r["crossing"] - truth(r)) for r in rows])),
-           "median_values": float(np.median([r.get("values", 0) for r in rows]))}
+    out = {"median_error": float(np.median([abs(r["crossing"] - truth(r)) for r in rows]))}
+    if all("values" in r for r in rows):
+        out["median_values"] = float(np.median([r["values"] for r in rows]))
     for reading, key in zip(READINGS, ("interval", "band")):
         out[f"{reading}_coverage"] = float(np.mean([_holds(r[key], truth(r)) for r in rows]))
         widths = [(r[key][1] if r[key][1] is not None else math.inf) - r[key][0] for r in rows]

@@ -20,7 +20,8 @@ from common.analysis.critical import (bootstrap_critical, bootstrap_indices, cri
                                       isotonic_crossing, isotonic_interval, mcnemar_exact, paired_bootstrap_ratio,
                                       perplexity_curves, resampled_band, task_average_curves)
 from common.analysis.item_planner import task_average_band
-from common.analysis.orderings import (choice_kl_items, site_orderings, task_average_points, task_average_sparsity,
+from common.analysis.orderings import (CRITERIA_LEVELS, choice_kl_items, compare_criteria, site_curve,
+                                      site_orderings, task_average_points, task_average_sparsity,
                                       values_every_task_has)
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
 from common.evaluation.sweep import DENSE, SweepSpec, early_stop, measured_sparsity, perplexity
@@ -67,7 +68,8 @@ def tidy_table(store: ResultStore, spec: SweepSpec, iterations: int = 1000,
             continue
         base = dense[task]
         metric = spec.metric_for(task)
-        row = {"model": spec.model, "task": task, "site": site, "rule": spec.rule, "power": spec.power,
+        row = {"model": spec.model, "task": task, "site": site, "criterion": spec.criterion_name, "rule": spec.rule,
+               "power": spec.power,
                "value": key["value"], "measured_sparsity": measured_sparsity(result, site),
                "mean_layer_sparsity": result["sparsity"][site]["mean_over_layers"], "metric": metric,
                "score": result["metrics"][metric], "dense_score": base["metrics"][metric],
@@ -99,7 +101,7 @@ def critical_table(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, thr
         site_rows = frame[frame.site == site]
         if site_rows.empty:
             continue
-        entry = {"site": site, "tasks": {}}
+        entry = {"site": site, "criterion": spec.criterion_name, "tasks": {}}
         stop = early_stop(store, spec, site)
         if stop is not None:  # the grid values below were never evaluated: far from any crossing
             entry["early_stop"] = stop
@@ -301,13 +303,22 @@ def figures(store: ResultStore, spec: SweepSpec, frame: pd.DataFrame, critical: 
 
 def write_report(store: ResultStore, spec: SweepSpec, output: Path, threshold: float = 0.99,
                  ppl_percent: float = 1.0, iterations: int = 1000, extra: dict | None = None,
-                 values: dict | None = None) -> dict:
+                 values: dict | None = None, others: list[SweepSpec] = ()) -> dict:
     """tidy.csv, critical.json (and the figures) from whatever cells are finished; ``values``: the
-    rule values per site to report (``common.analysis.search.searched_values``), default the grid."""
+    rule values per site to report (``common.analysis.search.searched_values``), default the grid.
+    ``others``: the specs of further criteria in the same store (one critical reading per site and
+    criterion, each compared with magnitude top-p in ``criteria``)."""
     frame = tidy_table(store, spec, iterations, values)
-    if not frame.empty:
-        write_csv(output / "tidy.csv", frame.to_dict("records"))
     critical = critical_table(store, spec, frame, threshold, ppl_percent, iterations) if not frame.empty else []
+    frames = {spec.criterion_name: frame}
+    for other in others:
+        frames[other.criterion_name] = tidy_table(store, other, iterations)
+        if not frames[other.criterion_name].empty:
+            critical += critical_table(store, other, frames[other.criterion_name], threshold, ppl_percent, iterations)
+    every = pd.concat([f for f in frames.values() if not f.empty], ignore_index=True) \
+        if any(not f.empty for f in frames.values()) else frame
+    if not every.empty:
+        write_csv(output / "tidy.csv", every.to_dict("records"))
     summary = {"spec": spec.as_dict(), "threshold": threshold, "ppl_percent": ppl_percent,
                "readings": {"grid": "highest evaluated sparsity with normalized score >= threshold",
                             "interpolated": "linear crossing between that point and the next sparser one",
@@ -321,17 +332,110 @@ def write_report(store: ResultStore, spec: SweepSpec, output: Path, threshold: f
                             "mcnemar": "exact McNemar test of sparse vs dense correctness on the same items at the "
                                        "grid reading's rule value of the task-average curve"},
                "critical": critical, "overhead": overhead(frame), **(extra or {})}
-    if not frame.empty:  # per site: token rows passed through for a NaN or an infinity, over every cell
-        summary["nonfinite_rows"] = {site: int(rows) for site, rows in frame.groupby("site").nonfinite_rows.sum().items()}
+    if not every.empty:  # per site: token rows passed through for a NaN or an infinity, over every cell
+        summary["nonfinite_rows"] = {site: int(rows) for site, rows in every.groupby("site").nonfinite_rows.sum().items()}
     if not frame.empty and frame.site.nunique() > 1:
         summary["readings"]["orderings"] = ("two sites' curves at the same measured sparsity (linear interpolation), "
                                             "difference a - b with a 95% paired-bootstrap interval (the same item "
                                             "resamples for both sites); decided when the interval excludes 0")
         summary["orderings"] = site_orderings(store, spec, frame, iterations=iterations)
-    paths = figures(store, spec, frame, critical, output / "figures", threshold)
+    if others:
+        summary["criteria_specs"] = [other.as_dict() for other in others]
+        summary["criteria"] = criteria_summary(store, [spec, *others], frames, critical, every, iterations)
+    paths = figures(store, spec, frame, [c for c in critical if c["criterion"] == spec.criterion_name],
+                    output / "figures", threshold)
+    if others:
+        paths += criteria_figure(store, [spec, *others], frames, output / "figures", iterations)
     summary["figures"] = [str(p.relative_to(output)) for p in paths if p.suffix == ".png"]
     atomic_write_json(output / "critical.json", summary)
     return summary
+
+
+BASELINE_CRITERION = "magnitude-topp"
+
+
+def criteria_summary(store: ResultStore, specs: list[SweepSpec], frames: dict[str, pd.DataFrame],
+                     critical: list[dict], every: pd.DataFrame, iterations: int = 1000) -> dict:
+    """Every criterion against magnitude top-p at the same site and measured sparsity (paired over
+    the items: ``compare_criteria``), each criterion's PPL-p% and accuracy crossings with their
+    intervals, and its cost per cell."""
+    baseline = next((s for s in specs if s.criterion_name == BASELINE_CRITERION), None)
+    comparisons = []
+    if baseline is not None:
+        for spec in specs:
+            if spec is not baseline and not frames[spec.criterion_name].empty:
+                comparisons += compare_criteria((store, spec, frames[spec.criterion_name]),
+                                                (store, baseline, frames[baseline.criterion_name]),
+                                                iterations=iterations)
+    return {"baseline": BASELINE_CRITERION if baseline is not None else None, "levels": list(CRITERIA_LEVELS),
+            "comparisons": comparisons, "critical": criteria_crossings(critical), "cost": criteria_cost(every),
+            "readings": {"comparisons": "criterion a - magnitude top-p b at the same site and measured sparsity "
+                                        "(linear interpolation), 95% paired-bootstrap interval over the items; decided "
+                                        "when it excludes 0, better names the winner (accuracy and perplexity: "
+                                        "higher is better; answer KL: lower)",
+                         "cost": "median seconds per cell and median sparse / dense cell time per criterion and "
+                                 "site; relative: over magnitude top-p's median at the same site"}}
+
+
+def criteria_crossings(critical: list[dict]) -> list[dict]:
+    """Per (site, criterion): the isotonic crossings of the task-average accuracy curve and of PPL-p%
+    with their 95% intervals and bands."""
+    out = []
+    for entry in critical:
+        accuracy = entry.get("task_average_curve", {}).get("isotonic") or None
+        ppl = next((v.get("isotonic") for k, v in entry.items() if k.startswith("ppl_")), None)
+        out.append({"site": entry["site"], "criterion": entry.get("criterion"), "accuracy": accuracy, "ppl": ppl})
+    return out
+
+
+def criteria_cost(frame: pd.DataFrame) -> list[dict]:
+    """Per (criterion, site): median seconds per cell, median sparse / dense time of a cell, and
+    that ratio over magnitude top-p's at the same site (the cost of the criterion's hooks)."""
+    if frame.empty or "criterion" not in frame:
+        return []
+    ratios = frame.assign(ratio=frame.seconds / frame.dense_seconds)
+    table = ratios.groupby(["criterion", "site"]).agg(cells=("seconds", "size"), median_seconds=("seconds", "median"),
+                                                     sparse_over_dense=("ratio", "median")).reset_index()
+    base = table[table.criterion == BASELINE_CRITERION].set_index("site").sparse_over_dense
+    rows = table.to_dict("records")
+    for row in rows:
+        row["over_baseline"] = float(row["sparse_over_dense"] / base[row["site"]]) if row["site"] in base else None
+    return rows
+
+
+def criteria_figure(store: ResultStore, specs: list[SweepSpec], frames: dict[str, pd.DataFrame], folder: Path,
+                    iterations: int = 1000) -> list[Path]:
+    """Answer KL against measured sparsity, one panel per site, one line per criterion with its 95%
+    paired-bootstrap band (task average over the multiple-choice tasks)."""
+    sites = list(dict.fromkeys(site for spec in specs for site in spec.sites))
+    curves = {}
+    for spec in specs:
+        frame = frames[spec.criterion_name]
+        for site in spec.sites:
+            if not frame.empty and (frame.site == site).any():
+                curve = site_curve(store, spec, frame, site, "choice_kl", iterations)
+                if curve is not None:
+                    curves[(site, spec.criterion_name)] = curve
+    if not curves:
+        return []
+    fig, axes = plots.plt.subplots(1, len(sites), figsize=(4.5 * len(sites), 4), squeeze=False)
+    for ax, site in zip(axes[0], sites):
+        for spec in specs:
+            if (site, spec.criterion_name) not in curves:
+                continue
+            sparsity, kl = curves[(site, spec.criterion_name)]
+            order = np.argsort(sparsity)
+            order = order[kl[0][order] > 0]  # a point that changed no answer distribution has no place on a log axis
+            low, high = np.percentile(kl[1:], [2.5, 97.5], axis=0)
+            line = ax.plot(sparsity[order], kl[0][order], marker="o", markersize=3, label=spec.criterion_name)[0]
+            ax.fill_between(sparsity[order], low[order], high[order], color=line.get_color(), alpha=0.2)
+        ax.set_yscale("log")
+        ax.set_title(site)
+        ax.set_xlabel("measured sparsity")
+        ax.set_ylabel("answer KL(dense || sparse), nats")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{specs[0].model}: answer KL by criterion (95% paired-bootstrap bands)")
+    return plots.save_figure(fig, folder / "criteria_choice_kl")
 
 
 def effective_rank_pass(model, tokenizer, sites, output: Path, documents: int = 32, max_tokens: int = 256) -> list[dict]:

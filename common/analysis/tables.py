@@ -16,6 +16,11 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _site_label(entry: dict, summary: dict) -> str:
+    """The site, with the criterion where the folder holds several."""
+    return f"{entry['site']} ({entry['criterion']})" if summary.get("criteria_specs") else entry["site"]
+
+
 def dense_tables(folder: Path) -> None:
     summary = json.loads((folder / "critical.json").read_text())
     tasks = sorted({t for entry in summary["critical"] for t in entry["tasks"]})
@@ -35,7 +40,7 @@ def dense_tables(folder: Path) -> None:
         ppl = next((v for k, v in entry.items() if k.startswith("ppl_")), None)
         cells.append(f"{average.get('interpolated', 0):.3f} ({average.get('grid', 0):.3f}) {average.get('status', '')}")
         cells.append("-" if ppl is None else f"{ppl['interpolated']:.3f} ({ppl['grid']:.3f})")
-        print(f"| {entry['site']} | " + " | ".join(cells) + " |")
+        print(f"| {_site_label(entry, summary)} | " + " | ".join(cells) + " |")
     print("\nTask-average curve: isotonic crossing with its 95% paired-bootstrap interval, the band interval "
           "(curve shifted by 1.96 paired standard errors), exact McNemar test against dense at the grid reading's "
           "value, the grid values evaluated, and the PPL-1% criterion read the same way.\n")
@@ -59,7 +64,7 @@ def dense_tables(folder: Path) -> None:
         ppl_reading = "-" if "crossing" not in ppl else (
             f"{ppl['crossing']:.3f} [{_fmt(ppl['interval'][0])}, {_fmt(ppl['interval'][1])}]"
             + (f", band {band_bounds(ppl['band'])}" if "band" in ppl else ""))
-        print(f"| {entry['site']} | {crossing} | {band} | {test} | {values} | {ppl_reading} |")
+        print(f"| {_site_label(entry, summary)} | {crossing} | {band} | {test} | {values} | {ppl_reading} |")
     overhead = summary.get("overhead", {})
     if overhead:
         print(f"\nSparse / dense evaluation time (median over cells): {overhead['median_time_ratio_sparse_over_dense']:.2f}x; "
@@ -197,11 +202,101 @@ def _spec(folder: Path):
     return SweepSpec(**json.loads((folder / "critical.json").read_text())["spec"])
 
 
-def _tidy(folder: Path):
-    """A finished sweep folder's per-cell table (``tidy.csv``)."""
+def _tidy(folder: Path, criterion: str | None = None):
+    """A finished sweep folder's per-cell table (``tidy.csv``): the rows of ``criterion`` (default the
+    folder's first criterion; tables written before criteria had one criterion and no such column)."""
     import pandas as pd
 
-    return pd.read_csv(folder / "tidy.csv")
+    frame = pd.read_csv(folder / "tidy.csv")
+    if "criterion" not in frame:
+        return frame
+    name = criterion or _spec(folder).criterion_name
+    return frame[frame.criterion == name].reset_index(drop=True)
+
+
+def _criterion_sweeps(folder: Path) -> list[tuple]:
+    """(store, spec, tidy rows) per criterion of a finished sweep folder, its first criterion first."""
+    from common.evaluation.store import ResultStore
+    from common.evaluation.sweep import SweepSpec
+
+    summary = json.loads((folder / "critical.json").read_text())
+    store = ResultStore(folder)
+    specs = [SweepSpec(**summary["spec"])] + [SweepSpec(**spec) for spec in summary.get("criteria_specs", [])]
+    return [(store, spec, _tidy(folder, spec.criterion_name)) for spec in specs]
+
+
+def criteria_comparison(folders: list[Path]) -> dict:
+    """Every criterion of the folders against magnitude top-p at the same site and measured sparsity,
+    paired over the items (``compare_criteria``): the baseline of the criterion's own folder, else the
+    first folder's holding one (the same model, dtype and items); each criterion's PPL-p% and
+    accuracy crossings; the cost per cell. Needs the folders' cells."""
+    from common.analysis.orderings import CRITERIA_LEVELS, compare_criteria
+    from common.analysis.report import BASELINE_CRITERION, criteria_cost, criteria_crossings
+
+    import pandas as pd
+
+    sweeps = {folder: _criterion_sweeps(folder) for folder in folders}
+    baselines = {folder: next((s for s in found if s[1].criterion_name == BASELINE_CRITERION), None)
+                 for folder, found in sweeps.items()}
+    comparisons, crossings, frames, missing = [], [], [], []
+    for folder, found in sweeps.items():
+        summary = json.loads((folder / "critical.json").read_text())
+        crossings += [{**row, "folder": str(folder)} for row in criteria_crossings(summary["critical"])]
+        frames += [frame for _, _, frame in found if not frame.empty]
+        for sweep in found:
+            name = sweep[1].criterion_name
+            if name == BASELINE_CRITERION:
+                continue
+            baseline = baselines[folder] or next(
+                (b for b in baselines.values() if b is not None and b[1].model == sweep[1].model
+                 and b[1].dtype == sweep[1].dtype), None)
+            if baseline is None:
+                missing.append(f"{name} ({folder})")
+                continue
+            comparisons += [{**row, "folders": [str(folder), str(baseline[0].root)]}
+                            for row in compare_criteria(sweep, baseline)]
+    if missing and not comparisons:
+        raise ValueError(f"no {BASELINE_CRITERION} sweep of the same model and dtype to compare "
+                         f"{', '.join(missing)} with; add a folder that holds one (--criterion magnitude)")
+    return {"baseline": BASELINE_CRITERION, "levels": list(CRITERIA_LEVELS), "folders": [str(f) for f in folders],
+            "comparisons": comparisons, "critical": crossings,
+            "cost": criteria_cost(pd.concat(frames, ignore_index=True)) if frames else [],
+            "without_baseline": missing}
+
+
+def criteria_tables(comparison: dict) -> None:
+    """Print ``criteria_comparison``: each criterion's crossings, its cost, and its curves against
+    magnitude top-p at the same measured sparsity."""
+    print("Critical sparsity per site and criterion: PPL-1% and task-average accuracy, isotonic crossing "
+          "[95% interval] and band.\n")
+    print("| site | criterion | PPL-1% | band | accuracy | band |")
+    print("|---|---|---|---|---|---|")
+
+    def reading(part):
+        if not part or "crossing" not in part:
+            return "- | -"
+        interval = part.get("interval") or [None, None]
+        band = band_bounds(part["band"]) if part.get("band") else "-"
+        return f"{part['crossing']:.3f} [{_fmt(interval[0])}, {_fmt(interval[1])}] | {band}"
+
+    for row in sorted(comparison["critical"], key=lambda r: (r["site"], r["criterion"] or "")):
+        print(f"| {row['site']} | {row['criterion']} | {reading(row['ppl'])} | {reading(row['accuracy'])} |")
+    if comparison["cost"]:
+        print("\nCost per cell: median seconds, median sparse / dense cell time, and that ratio over "
+              f"{comparison['baseline']}'s at the same site (the same run and machine).\n")
+        print("| criterion | site | cells | median s | sparse / dense | over baseline |")
+        print("|---|---|---|---|---|---|")
+        for row in sorted(comparison["cost"], key=lambda r: (r["site"], r["criterion"])):
+            print(f"| {row['criterion']} | {row['site']} | {row['cells']} | {row['median_seconds']:.1f} "
+                  f"| {row['sparse_over_dense']:.2f}x | {_fmt(row['over_baseline'])} |")
+    if comparison["comparisons"]:
+        print(f"\nEach criterion against {comparison['baseline']} at the same site and measured sparsity (columns): "
+              "difference a - b [95% paired-bootstrap interval]; where the interval excludes 0, the better one after "
+              "the arrow (accuracy and perplexity ratio dense / sparse: higher is better; answer KL: lower).\n")
+        levels_table(comparison["comparisons"], "site: criterion", lambda r: f"{r['site']}: {r['criteria'][0]}")
+    if comparison["without_baseline"]:
+        print(f"\nNo {comparison['baseline']} sweep to compare with: {', '.join(comparison['without_baseline'])}.")
+    print()
 
 
 def _sweep(folder: Path):

@@ -204,6 +204,52 @@ def check_thread_environment(environ=os.environ) -> None:
                          "OMP_NUM_THREADS=2 (or use --threads)")
 
 
+DEFAULT_TARGETS = [0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9]
+
+
+def criterion_grids(args, grid: list[float], announce: bool = False) -> list[tuple]:
+    """(criterion, its sites, its values) per ``--criterion``, validated before any model loads:
+    the values are ``grid`` (``--grid``) for the magnitude rule and per-token top-p or max-p,
+    ``--targets`` for a calibrated threshold and 1 - target for top-k. A criterion runs at the
+    ``--sites`` where it applies (with ``announce``, the others are named in one printed line); one
+    that applies at none of them is refused in one line."""
+    from common.core.criteria import parse_criterion
+
+    criteria = [parse_criterion(name, args.rule) for name in args.criterion]
+    repeated = sorted({c.name for c in criteria if criteria.count(c) > 1})
+    if repeated:
+        raise ValueError(f"--criterion names {', '.join(repeated)} more than once; name each criterion once")
+    sites = check_sites(args.sites)
+    targets = args.targets if args.targets is not None else DEFAULT_TARGETS
+    out = []
+    for criterion in criteria:
+        fits, refusals = [], []
+        for site in sites:
+            try:
+                criterion.check_sites(site)
+                fits.append(site)
+            except ValueError as refusal:
+                refusals.append(str(refusal))
+        if not fits:
+            raise ValueError(refusals[0])
+        if refusals and announce:
+            print(f"criterion {criterion.name} runs at {', '.join(fits)} only (not at "
+                  f"{', '.join(s for s in sites if s not in fits)}: the {criterion.score} score does not apply there)")
+        if criterion.is_rule or criterion.selection in ("topp", "maxp"):
+            values = list(grid)
+        elif criterion.selection == "threshold":
+            values = list(targets)
+        else:  # top-k keeps a share 1 - target of each token's entries
+            values = [round(1.0 - t, 6) for t in targets]
+        for value in values:
+            criterion.check_value(value, args.power if criterion.score == "magnitude" else 1.0)
+        out.append((criterion, fits, values))
+    if (args.search or getattr(args, "target_halfwidth", None) is not None) and any(not c.is_rule for c in criteria):
+        raise ValueError("--search and --target-halfwidth choose rule values of the magnitude criterion; sweep other "
+                         "criteria on their grid (drop --search / --target-halfwidth)")
+    return out
+
+
 def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int = 1000,
                         item_planning: bool = True) -> None:
     """Flags shared by the sweep scripts (dense and MoE); ``item_planning``: the item-planned sweep's
@@ -216,6 +262,15 @@ def add_sweep_arguments(parser, study: str, default_limit: int, bootstrap: int =
     parser.add_argument("--power", type=finite_float, default=1.0)
     parser.add_argument("--grid", type=finite_float, nargs="+", default=None,
                         help="rule values (default: the paper's grid)")
+    parser.add_argument("--criterion", nargs="+", default=["magnitude"], action=Once,
+                        help="criteria (common.core.criteria): magnitude (default: the magnitude score with --rule), "
+                             "teal, cats, scap, wina, larosa, a score (magnitude, weighted, centred, rotated, gate) "
+                             "with --rule, or score-selection (selections topp, topk, maxp, threshold); each runs at "
+                             "the --sites where it applies")
+    parser.add_argument("--targets", type=finite_float, nargs="+", default=None,
+                        help="target sparsities of the criteria that aim at one: a calibrated threshold's value, "
+                             "top-k's kept share 1 - target (default: " + " ".join(f"{t:g}" for t in DEFAULT_TARGETS)
+                             + "); per-token top-p and max-p take --grid")
     parser.add_argument("--search", action="store_true",
                         help="noise-aware search for the critical sparsity instead of the grid (common.analysis.search)")
     parser.add_argument("--resolution", type=float, default=0.05,
@@ -285,6 +340,8 @@ def sweep_settings(args, default_grid: list[float]):
     grid = args.grid or list(default_grid)
     for value in grid:
         validate_rule(args.rule, value, args.power)
+    if args.targets is not None and any(not 0.0 <= t < 1.0 for t in args.targets):
+        raise ValueError(f"--targets are target sparsities in [0, 1), got {' '.join(f'{t:g}' for t in args.targets)}")
     if not 0 < args.threshold <= 1:
         raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
     if getattr(args, "target_halfwidth", None) is not None:
@@ -307,6 +364,7 @@ def sweep_settings(args, default_grid: list[float]):
     if getattr(args, "memory_fraction", None) is not None:
         limit_device_memory(args.memory_fraction, "auto" if args.device == "auto" else device)
     dtype, why = choose_dtype(args.dtype, device)
+    criterion_grids(args, grid, announce=True)
     shard = parse_shard(args.shard)
     threads, threads_why = choose_threads(args.threads, device, shard[1])
     if threads is not None:

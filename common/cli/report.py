@@ -3,6 +3,7 @@
     python -m common.cli.report tables FOLDER [FOLDER ...]
     python -m common.cli.report search-vs-grid SEARCH_FOLDER GRID_FOLDER
     python -m common.cli.report models GRID_A GRID_B [--json FILE]
+    python -m common.cli.report criteria FOLDER [FOLDER ...] [--json FILE]
     python -m common.cli.report replicates GRID OTHER_GRID [...]
     python -m common.cli.report leave-out COUNT GRID [...]
     python -m common.cli.report flips GRID [MAX_SPARSITY]
@@ -31,6 +32,10 @@ READINGS = {
                       "grid step",
     "models": "two models swept on the same items: critical sparsities side by side and the curves at the same "
               "measured sparsity; --json writes the comparison for the findings page",
+    "criteria": "each criterion (--criterion) against magnitude top-p at the same site and measured sparsity, "
+                "paired over the items (answer KL, perplexity ratio, accuracy), each criterion's PPL-1% and accuracy "
+                "crossings, and its cost per cell; the baseline may come from another folder of the same model and "
+                "items; --json writes the comparison",
     "replicates": "grids of one model on the same items that differ only in rounding: each site's crossing against "
                   "the first grid's, within one grid step or not",
     "leave-out": "each grid's crossing read again with every set of COUNT (1-3) grid values left out",
@@ -69,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "needed)")).add_argument("--json", type=Path, default=None, metavar="FILE",
                                             help="also write the comparison there, e.g. "
                                                  "results/dense_sweep/A-vs-B/small-grid/comparison.json")
+    add("criteria", ("folders", "FOLDER", "*", "finished sweep folders with criteria (cells needed); magnitude "
+                     "top-p in one of them")).add_argument("--json", type=Path, default=None, metavar="FILE",
+                                                           help="also write the comparison there")
     add("replicates", ("folders", "GRID", "*", "two or more finished grid folders, the first the reference"))
     add("leave-out", ("count", "COUNT", "?", "how many grid values to leave out at a time: 1, 2 or 3"),
         ("folders", "GRID", "*", "finished grid folders"))
@@ -155,6 +163,16 @@ def run(args: argparse.Namespace, label: str | None = None) -> int:
             raise ValueError(f"{label} needs two finished sweep folders (with critical.json and tidy.csv)")
         comparison = tables.model_comparison(*folders)
         tables.models_tables(*folders, comparison=comparison)
+        if getattr(args, "json", None) is not None:
+            from common.evaluation.store import atomic_write_json
+
+            atomic_write_json(args.json, comparison)
+            print(f"written: {args.json}")
+    elif args.command == "criteria":
+        if not _finished_sweeps(folders):
+            raise ValueError(f"{label} needs one or more finished sweep folders (with critical.json and tidy.csv)")
+        comparison = tables.criteria_comparison(folders)
+        tables.criteria_tables(comparison)
         if getattr(args, "json", None) is not None:
             from common.evaluation.store import atomic_write_json
 

@@ -13,10 +13,12 @@ from common.analysis.critical import band_bounds
 from common.analysis.item_sweep import decided_orderings, run_item_planned
 from common.analysis.report import write_report
 from common.analysis.search import run_search, searched_values
+from common.cli.criteria import print_criteria
+from common.cli.protocol import print_leading_lines
 from common.evaluation.provenance import environment
 from common.evaluation.store import ResultStore, atomic_write_json
-from common.evaluation.sweep import SweepRunner, SweepSpec
-from common.evaluation.tasks import is_offline_task, task_manager
+from common.evaluation.sweep import DENSE, SweepRunner, SweepSpec
+from common.evaluation.tasks import PERPLEXITY_TASKS, is_offline_task, task_manager
 
 
 def open_store(output: Path, dtype, device, allow_mixed: bool = False, seed: int | None = None) -> ResultStore:
@@ -25,8 +27,12 @@ def open_store(output: Path, dtype, device, allow_mixed: bool = False, seed: int
 
 
 def run_sweep(args, lm, spec: SweepSpec, store: ResultStore, shard: tuple[int, int], ppl_percent: float = 1.0,
-              extra: dict | None = None) -> dict | None:
+              extra: dict | None = None, calibrate=None, others=()) -> dict | None:
     """Evaluate this shard's cells (grid or search), then write the report.
+
+    ``calibrate``: the calibration step of ``spec``'s criterion (None for the magnitude rule);
+    ``others``: (spec, calibrate) of further criteria swept on their grids into the same store
+    (``common.cli.criteria.criterion_runs``).
 
     Returns the summary, or None when other shards still have cells to evaluate (the report is
     written by whichever shard finishes last, or by re-running any shard) and for the item-planned
@@ -34,15 +40,22 @@ def run_sweep(args, lm, spec: SweepSpec, store: ResultStore, shard: tuple[int, i
     """
     output = store.root
     manager = task_manager(include_defaults=not all(is_offline_task(t) for t in spec.tasks))
-    runner = SweepRunner(lm, spec, store, manager, shard)
+    runner = SweepRunner(lm, spec, store, manager, shard, calibrate=calibrate)
+    further = [SweepRunner(lm, other, store, manager, shard, calibrate=step) for other, step in others]
     extra = dict(extra or {})
     values = None  # the grid's values for every site
     if getattr(args, "target_halfwidth", None) is not None:
         run_item_planned_sweep(args, runner, output, shard)
         return None
     if args.search:
+        lead = getattr(args, "lead", "accuracy")
+        sites = [site for position, site in enumerate(spec.sites) if position % shard[1] == shard[0]]
+        ppl_tasks = [t for t in spec.tasks if t in PERPLEXITY_TASKS]
+        per_site = spec.tasks * args.budget + (ppl_tasks * args.budget if lead == "accuracy" else [])
+        runner.expect([t for t in spec.tasks if not store.has(spec.key(DENSE, 1.0, t))] + per_site * len(sites),
+                      at_most=True)
         searches = run_search(runner, args.threshold, args.resolution, args.budget, ppl_percent,
-                              args.bootstrap or 1000, args.spread)
+                              args.bootstrap or 1000, args.spread, getattr(args, "lead", "accuracy"))
         if shard[1] > 1:  # sites go to shards: each writes its own file, the report needs every shard's
             atomic_write_json(output / shard_file("search", shard), searches)
             order = {site: i for i, site in enumerate(spec.sites)}
@@ -58,8 +71,12 @@ def run_sweep(args, lm, spec: SweepSpec, store: ResultStore, shard: tuple[int, i
         extra["search"] = searches
         values = searched_values(searches)  # the report reads exactly the evaluated values
     else:
-        runner.run_grid()
-        missing = runner.missing_cells()
+        missing: dict[int, int] = {}
+        for each in [runner, *further]:
+            each.run_grid()
+        for each in [runner, *further]:
+            for index, count in each.missing_cells().items():
+                missing[index] = missing.get(index, 0) + count
         if missing:
             shards = sorted({index + 1 for index in missing})
             print(f"this shard is done; {sum(missing.values())} cells of shard(s) "
@@ -68,8 +85,11 @@ def run_sweep(args, lm, spec: SweepSpec, store: ResultStore, shard: tuple[int, i
             return None
     summary = write_report(store, spec, output, args.threshold, ppl_percent, args.bootstrap,
                            {**extra, "provenance": store.provenance, "store_commits": store.commits(),
-                            "store_versions": store.versions()}, values)
+                            "store_versions": store.versions()}, values, [other for other, _ in others])
+    if any(search.get("lead") == "ppl" for search in summary.get("search", [])):
+        print_leading_lines(summary, ppl_percent, spec.limit)
     print_summary(summary, ppl_percent)
+    print_criteria(summary)
     return summary
 
 
@@ -81,7 +101,9 @@ def print_summary(summary: dict, ppl_percent: float) -> None:
                                                                   if rows))
     for entry in summary["critical"]:
         curve = entry.get("task_average_curve", {})
-        line = (f"{entry['site']:>12}: critical sparsity (task-average curve) grid={curve.get('grid', 0):.3f} "
+        site = entry["site"] if entry.get("criterion") == summary["critical"][0].get("criterion") \
+            else f"{entry['site']} ({entry['criterion']})"
+        line = (f"{site:>12}: critical sparsity (task-average curve) grid={curve.get('grid', 0):.3f} "
                 f"interpolated={curve.get('interpolated', 0):.3f} [{curve.get('status')}]")
         isotonic, mcnemar = curve.get("isotonic"), entry.get("mcnemar", {}).get("pooled")
         if isotonic:
@@ -101,7 +123,7 @@ def print_summary(summary: dict, ppl_percent: float) -> None:
             print(f"{'':>12}  grid ended after value {stop['last_value']:g} ({stop['rule']}); not evaluated: "
                   f"{', '.join(f'{v:g}' for v in stop['skipped_values'])}")
     for search in summary.get("search", []):
-        found = [(f"{search['site']:>12}: search", search)]
+        found = [] if search.get("lead") == "ppl" else [(f"{search['site']:>12}: search", search)]
         found += [(f"{'':>12}  PPL-{ppl_percent:g}% on {task}", part) for task, part in search.get("ppl", {}).items()]
         for label, part in found:
             low, high = part["interval"]

@@ -4,8 +4,9 @@
 included): a root pre-hook that hands each model call's attention mask and generation phase to
 the recorder, hooks removed on exit, also when the body raises. ``SiteHooks`` adds one hook per
 (layer, site) from the site table. ``Sparsifier`` zeroes the entries outside the
-rule's keep-mask and records the counts; ``ActivationCapture`` leaves activations unchanged and
-only feeds observers (and, optionally, keeps the real-token activations).
+rule's keep-mask (or applies a criterion of ``common.core.criteria``) and records the counts;
+``ActivationCapture`` leaves activations unchanged and only feeds observers (and, optionally,
+keeps the real-token activations).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from functools import lru_cache, partial
 import torch
 import torch.nn as nn
 
+from common.core.criteria import Criterion, LayerState, apply_criterion, check_state, rotation_dtype
 from common.core.recorder import SparsityRecorder
-from common.core.rules import NONFINITE, keep_threshold, sparsify_and_count, validate_rule, zero_below
+from common.core.rules import NONFINITE, keep_threshold, sparsify_and_count, zero_below
 from common.core.sites import site_module_names
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 spells it ``cache``
@@ -160,17 +162,81 @@ class Sparsifier(SiteHooks):
     >>> with Sparsifier(model, "intermediate", rule="topp", value=0.9) as sp:
     ...     model(input_ids, attention_mask=attention_mask)
     >>> sp.recorder.rows()
+
+    ``criterion`` (``common.core.criteria.Criterion``) chooses another score and selection than
+    the magnitude with ``rule``; a criterion that needs calibrated quantities (thresholds, column
+    norms, modes, rotations) reads them from ``calibration`` (``common.core.calibration``). The
+    gate score at the intermediate site reads the layer's act(gate) of the same forward, kept by
+    a hook of this object on the gate's module.
     """
 
     def __init__(self, model: nn.Module, sites="intermediate", rule: str = "topp", value: float = 1.0,
-                 power: float = 1.0, layers=None, recorder: SparsityRecorder | None = None):
-        validate_rule(rule, value, power)
+                 power: float = 1.0, layers=None, recorder: SparsityRecorder | None = None,
+                 criterion: Criterion | None = None, calibration=None):
+        if criterion is None:
+            criterion = Criterion("magnitude", rule)
+        elif rule not in ("topp", criterion.selection):
+            raise ValueError(f"rule {rule!r} and criterion {criterion.name} name two selections; give the criterion "
+                             "alone")
+        criterion.check_value(value, power)
+        criterion.check_sites(sites)
         super().__init__(model, sites, layers, recorder)
-        self.rule, self.value, self.power = rule, float(value), float(power)
+        self.criterion, self.calibration = criterion, calibration
+        self.rule, self.value, self.power = criterion.selection, float(value), float(power)
+        if criterion.needs:
+            if calibration is None:
+                raise ValueError(f"criterion {criterion.name} needs {', '.join(criterion.needs)}: pass calibration= "
+                                 "(common.core.calibration.calibrate, or the calibration step of common.evaluation)")
+            calibration.check_covers(self.locations)
+        self._states: dict[tuple[int, str], LayerState] = {}
+        self._gates: dict[int, torch.Tensor] = {}
+
+    def _keep_gate_output(self, layer: int, module, args, output) -> None:
+        self._gates[layer] = output
+
+    def _keep_gate_input(self, layer: int, module, args) -> None:
+        self._gates[layer] = args[0]
+
+    def install(self) -> None:
+        layers = sorted({layer for layer, site in self.locations if site == "intermediate"})
+        if self.criterion.score == "gate" and layers:  # before the site hooks: the gate site's dense tensor
+            for (layer, _), (name, tensor) in site_module_names(self.model, "gate", layers).items():
+                module = self.model.get_submodule(name)
+                if tensor == "output":
+                    self.add(module.register_forward_hook(partial(self._keep_gate_output, layer)))
+                else:
+                    self.add(module.register_forward_pre_hook(partial(self._keep_gate_input, layer)))
+        super().install()
+
+    def uninstall(self) -> None:
+        self._gates.clear()
+
+    def _state(self, layer: int, site: str, tensor: torch.Tensor) -> LayerState:
+        """The calibrated quantities of (layer, site) in the tensor's device and dtype (made once)."""
+        state = self._states.get((layer, site))
+        if state is None or (state.column_norms is not None and state.column_norms.dtype != tensor.dtype):
+            state = self.calibration.state(layer, site) if self.calibration is not None else LayerState()
+            if state.column_norms is not None:
+                state.column_norms = state.column_norms.to(tensor.device, tensor.dtype)
+            if state.rotation is not None:
+                state.rotation = state.rotation.to(tensor.device, rotation_dtype(tensor.dtype))
+            check_state(self.criterion, state, f"layer {layer}, site {site}")
+            self._states[(layer, site)] = state
+        return state
 
     def transform(self, layer: int, site: str, tensor: torch.Tensor) -> torch.Tensor:
         mask = None
-        if self.recorder.needs_masks:  # the boolean mask only for observers that read it
+        if not self.criterion.is_rule:
+            state = self._state(layer, site, tensor)
+            state.gate = self._gates.pop(layer, None) if site == "intermediate" and self.criterion.score == "gate" \
+                else None
+            if self.criterion.score == "gate" and site == "intermediate" and state.gate is None:
+                raise RuntimeError(f"the gate score at layer {layer} found no act(gate) of this forward: the gate "
+                                   "module ran outside the MLP's call or not at all")
+            sparse, kept, mask = apply_criterion(tensor, self.criterion, self.value, state, self.power,
+                                                 want_mask=self.recorder.needs_masks)
+            state.gate = None
+        elif self.recorder.needs_masks:  # the boolean mask only for observers that read it
             a, threshold = keep_threshold(tensor, self.rule, self.value, self.power)
             sparse, kept = zero_below(tensor, a, threshold)
             mask = ((a >= threshold) | (kept.reshape(-1, 1) == NONFINITE)).reshape(tensor.shape)

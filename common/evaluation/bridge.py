@@ -41,6 +41,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from common.core.criteria import Criterion
 from common.core.hooks import Sparsifier
 from common.core.recorder import SparsityRecorder, count_entries
 from common.core.rules import validate_rule
@@ -140,10 +141,12 @@ class PerTokenKept:
 class DenseBackend:
     """Dense GLU models (and LLaDA): the site-table ``Sparsifier``."""
 
-    def sparsifier(self, model, sites, rule, value, power, layers, recorder, per_token=None):
+    def sparsifier(self, model, sites, rule, value, power, layers, recorder, per_token=None, criterion=None,
+                   calibration=None):
         if per_token is not None:
             recorder.observers.append(per_token)
-        return Sparsifier(model, sites, rule, value, power, layers, recorder)
+        return Sparsifier(model, sites, rule, value, power, layers, recorder, criterion=criterion,
+                          calibration=calibration)
 
     def per_token_counts(self, model, sequence_length: int) -> PerTokenKept:
         return PerTokenKept()
@@ -160,18 +163,27 @@ class SparsificationSettings:
     """
 
     stats_file: str | None = None
+    criterion: Criterion | None = None  # None: the magnitude score with ``rule``
+    calibration = None  # what a criterion needs (common.core.calibration.Calibration)
 
     def set_sparsification(self, sites=None, rule: str = "topp", value: float = 1.0, power: float = 1.0,
-                           layers=None) -> None:
-        """Change what is sparsified (keeps the loaded model); also resets the statistics."""
+                           layers=None, criterion: Criterion | None = None, calibration=None) -> None:
+        """Change what is sparsified (keeps the loaded model); also resets the statistics.
+        ``criterion`` (with its ``calibration``) replaces the magnitude score with ``rule``."""
         sites = split_arg(sites)
         if sites:
             expand_sites(sites)
-            validate_rule(rule, float(value), float(power))
+            if criterion is None:
+                validate_rule(rule, float(value), float(power))
+            else:
+                criterion.check_sites(sites)
+                criterion.check_value(float(value), float(power))
+                rule = criterion.selection
         layer_list = [int(layer) for layer in split_arg(layers)] or None
         if layer_list is not None:
             resolve_layers(self.model, layer_list)
         self.sites, self.rule, self.value, self.power, self.layers = sites, rule, float(value), float(power), layer_list
+        self.criterion, self.calibration = criterion, calibration
         self.reset_statistics()
 
     def reset_statistics(self) -> None:
@@ -192,6 +204,8 @@ class SparsificationSettings:
         rows = recorder.rows()
         out = {"sites": self.sites, "rule": self.rule, "value": self.value, "power": self.power,
                "layers": self.layers, "summary": summarize(rows)}
+        if self.criterion is not None:
+            out["criterion"] = self.criterion.name
         for phase in sorted({row.get("phase") for row in rows} - {None}):
             out[f"summary_{phase}"] = summarize(rows, phase=phase)
         return out
@@ -256,13 +270,17 @@ class SparseHFLM(SparsificationSettings, HFLM):
         self._pending = None
 
     # ---- model calls ---------------------------------------------------------------------------
+    def sparsifier(self, recorder: SparsityRecorder, per_token=None):
+        """The hook set of the current settings around one model call (or a pass over many)."""
+        return self.sparsification_backend.sparsifier(self.model, self.sites, self.rule, self.value, self.power,
+                                                      self.layers, recorder, per_token, criterion=self.criterion,
+                                                      calibration=self.calibration)
+
     def _model_call(self, inps, attn_mask=None, labels=None):
         if not self.sites:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         per_token = self.sparsification_backend.per_token_counts(self.model, inps.shape[1])
-        sparsifier = self.sparsification_backend.sparsifier(self.model, self.sites, self.rule, self.value, self.power,
-                                                            self.layers, SparsityRecorder(), per_token)
-        with sparsifier:
+        with self.sparsifier(SparsityRecorder(), per_token):
             logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         self._pending, self._pending_row = per_token, 0
         return logits
@@ -276,8 +294,7 @@ class SparseHFLM(SparsificationSettings, HFLM):
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         if not self.sites:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        with self.sparsification_backend.sparsifier(self.model, self.sites, self.rule, self.value, self.power,
-                                                    self.layers, self.recorder):
+        with self.sparsifier(self.recorder):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     # ---- request types: write statistics after each -----------------------------------------
@@ -365,8 +382,7 @@ class SparseHFLM(SparsificationSettings, HFLM):
             batch_size = self._detect_batch_size([longest], 0)
         scorer = SharedContextScorer(self.model, self.device, self.softmax_dtype, self.mixed_precision_dtype,
                                      self.recorder)
-        hooks = self.sparsification_backend.sparsifier(self.model, self.sites, self.rule, self.value, self.power,
-                                                       self.layers, self.recorder) if self.sites else nullcontext()
+        hooks = self.sparsifier(self.recorder) if self.sites else nullcontext()
         progress = tqdm(total=len(requests_shared), disable=disable_tqdm or self.rank != 0,
                         desc="Running loglikelihood requests (shared contexts)")
         with hooks:

@@ -27,10 +27,12 @@ class PerTokenCounts(Protocol):
 
 
 class SparsificationBackend(Protocol):
-    """How an architecture kind is sparsified: the hook set, and its per-token counts."""
+    """How an architecture kind is sparsified: the hook set (with a ``common.core.criteria``
+    criterion and its calibration where the kind supports it), and its per-token counts."""
 
     def sparsifier(self, model: nn.Module, sites, rule: str, value: float, power: float, layers,
-                   recorder: SparsityRecorder, per_token: PerTokenCounts | None = None) -> ModelHooks: ...
+                   recorder: SparsityRecorder, per_token: PerTokenCounts | None = None, criterion=None,
+                   calibration=None) -> ModelHooks: ...
 
     def per_token_counts(self, model: nn.Module, sequence_length: int) -> PerTokenCounts: ...
 

@@ -1,5 +1,10 @@
 """Dense sweeps through lm-eval: one store cell per (model, site, rule, power, value, task).
 
+A criterion other than the magnitude score (``common.core.criteria``) adds its score to the key,
+and one that reads calibration text adds the corpus; the rule field holds the criterion's
+selection (``threshold`` for a calibrated one, whose value is the target sparsity). Keys of the
+magnitude score are the keys they always were, so existing stores stay valid.
+
 The dense baseline is one cell per task (site "dense"), evaluated once and reused. Every cell
 keeps lm-eval's metrics, per-item scores and answer log-likelihoods (for paired bootstrap
 intervals and the continuous fidelity measures) and the measured sparsity per layer. Cells are
@@ -17,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from common.core.criteria import SELECTIONS, Criterion
 from common.core.sites import expand_sites
+from common.evaluation.progress import CellClock, duration
 from common.evaluation.store import ResultStore, in_shard
 from common.evaluation.tasks import PERPLEXITY_TASKS, primary_metric
 
@@ -25,6 +32,7 @@ DENSE = "dense"
 PAPER_DENSE_GRID = [1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90, 0.85,
                     0.80, 0.75, 0.70, 0.65, 0.60, 0.50, 0.40, 0.30, 0.20, 0.10, 0.0]  # rule values (top-p p)
 PAPER_MOE_GRID = [1.0, 0.99, 0.98, 0.97, 0.95, 0.92, 0.90, 0.75, 0.50]
+ESTIMATE_AFTER = {2, 5, 10, 20, 40, 80, 160, 320, 640, 1280}  # cells after which a run prints its estimate again
 
 
 @dataclass
@@ -47,10 +55,22 @@ class SweepSpec:
     # row. Not part of the key: a skipped cell is simply never evaluated.
     stop_below: float | None = None
     stop_after: int = 2
+    # The criterion's score (common.core.criteria.SCORES; ``rule`` is its selection) and, for a
+    # criterion that reads calibration text, the corpus (common.evaluation.calibration.corpus_id).
+    score: str = "magnitude"
+    calibration: str | None = None
+
+    def criterion(self) -> Criterion:
+        return Criterion(self.score, self.rule)
+
+    @property
+    def criterion_name(self) -> str:
+        return self.criterion().name
 
     def key(self, site: str, value: float, task: str, items: tuple[int, int] | None = None) -> dict:
         """A cell's key; ``items`` = (start, stop): the cell holds exactly those items of the task
-        (item-planned sweeps, whose cells ignore ``limit``), else the first ``limit`` items."""
+        (item-planned sweeps, whose cells ignore ``limit``), else the first ``limit`` items. The
+        score and the calibration corpus join the key only where they are not the default."""
         dense = site == DENSE
         key = {"model": self.model, "site": site, "rule": "none" if dense else self.rule,
                "power": 1.0 if dense else float(self.power), "value": 1.0 if dense else round(float(value), 6),
@@ -58,12 +78,18 @@ class SweepSpec:
                "dtype": self.dtype, "device_type": self.device_type}
         if items is not None:
             key["items"] = [int(items[0]), int(items[1])]
+        if not dense and self.score != "magnitude":
+            key["score"] = self.score
+        if not dense and self.calibration is not None:
+            key["calibration"] = self.calibration
         return key
 
     def matches(self) -> dict:
-        """The key fields shared by every cell of this sweep (to select them in a store)."""
+        """The key fields shared by every cell of this sweep (to select them in a store; a field
+        that is None also matches keys without it)."""
         return {"model": self.model, "rule": self.rule, "power": float(self.power), "limit": self.limit,
-                "dtype": self.dtype, "device_type": self.device_type}
+                "dtype": self.dtype, "device_type": self.device_type,
+                "score": None if self.score == "magnitude" else self.score, "calibration": self.calibration}
 
     def metric_for(self, task: str) -> str:
         if task in PERPLEXITY_TASKS or self.metric is None:
@@ -95,8 +121,9 @@ def _items_from_samples(samples: list[dict], task: str) -> list[dict]:
 
 
 def grid_values(spec: SweepSpec) -> list[float]:
-    """The grid's values, highest (densest) first: the order the early stop walks them in."""
-    return sorted(set(spec.grid), reverse=True)
+    """The grid's values, densest first (the highest for top-p and top-k, the lowest for max-p
+    and calibrated thresholds): the order the early stop walks them in."""
+    return sorted(set(spec.grid), reverse=SELECTIONS[spec.rule].denser == "higher")
 
 
 def task_average(store: ResultStore, spec: SweepSpec, site: str, value: float) -> float | None:
@@ -146,14 +173,23 @@ class SweepRunner:
     """Evaluates cells through a ``SparseHFLM`` and stores them."""
 
     def __init__(self, lm, spec: SweepSpec, store: ResultStore, task_manager, shard: tuple[int, int] = (0, 1),
-                 verbose: bool = True, patience: float | None = None, poll: float = 5.0):
+                 verbose: bool = True, patience: float | None = None, poll: float = 5.0, calibrate=None):
         self.lm, self.spec, self.store, self.task_manager, self.shard = lm, spec, store, task_manager, shard
         self.verbose = verbose
+        # ``calibrate(site, value)``: the Calibration a cell of the spec's criterion needs (None: the
+        # magnitude rule, which needs none); see common.evaluation.calibration.Calibrator
+        self.calibrate = calibrate
+        if calibrate is None and spec.criterion().needs:
+            raise ValueError(f"criterion {spec.criterion_name} needs calibration; pass calibrate= (a "
+                             "common.evaluation.calibration.Calibrator)")
         self.evaluations = 0
         # how long a shard ahead of the others waits for a new cell from them before going on alone
         # (None: twice its longest cell so far, at least a minute); ``poll``: how often it looks
         self.patience, self.poll = patience, poll
         self._longest_cell, self._others_quiet_at = 0.0, None
+        self.clock = CellClock()  # seconds of the cells this runner evaluated, by task
+        self.expected: list[str] = []  # the task of every cell this run expects to evaluate (for its estimate)
+        self._at_most = False  # a search may stop before it has evaluated every expected cell
         for site in spec.sites:
             expand_sites(site)
 
@@ -169,13 +205,38 @@ class SweepRunner:
             self._longest_cell = max(self._longest_cell, time.monotonic() - start)
             self.store.put(key, result)
             self.evaluations += 1
+            self.clock.add(task, time.monotonic() - start)
+            if task in self.expected:
+                self.expected.remove(task)
+            if self.verbose and self.evaluations in ESTIMATE_AFTER:
+                tqdm.write(f"{self.evaluations} cells evaluated; {self.estimate_line()}")
         return result
 
+    def expect(self, tasks: list[str], at_most: bool = False) -> None:
+        """Announce the cells this run will evaluate (one task name per cell) and keep them for the
+        estimate, refreshed as cells finish."""
+        self.expected, self._at_most = list(tasks), at_most
+        if self.verbose:
+            print(f"{'at most ' if at_most else ''}{len(tasks)} cells to evaluate in this process; the wall-time "
+                  "estimate follows its first cells")
+
+    def estimate_line(self) -> str:
+        """'about 12 min left for 40 cells' from the mean time of the finished cells of each task."""
+        return (f"about {duration(self.clock.estimate(self.expected))} left for "
+                f"{'at most ' if getattr(self, '_at_most', False) else ''}{len(self.expected)} cells "
+                f"(from {self.clock.cells} cells: " + ", ".join(
+                    f"{task} {sum(t) / len(t):.0f} s" for task, t in self.clock.seconds.items()) + " per cell)")
+
     def _evaluate(self, site: str, value: float, task: str, items: tuple[int, int] | None = None) -> dict:
+        calibration = None
         if site == DENSE:
             self.lm.set_sparsification(None)
-        else:
+        elif self.spec.criterion().is_rule:
             self.lm.set_sparsification(site, self.spec.rule, value, self.spec.power, self.spec.layers)
+        else:
+            calibration = self.calibrate(site, value) if self.calibrate is not None else None
+            self.lm.set_sparsification(site, self.spec.rule, value, self.spec.power, self.spec.layers,
+                                       criterion=self.spec.criterion(), calibration=calibration)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         start = time.perf_counter()
         chosen = {"samples": {task: list(range(*items))}} if items else {"limit": self.spec.limit}
@@ -186,6 +247,10 @@ class SweepRunner:
         stats = self.lm.sparsity_statistics()
         result = {"metrics": metrics, "items": _items_from_samples(output["samples"][task], task),
                   "sparsity": stats["summary"], "seconds": seconds}
+        if calibration is not None:  # the thresholds and modes it read, and where they came from
+            result["calibration"] = calibration.summary()
+            if hasattr(self.calibrate, "provenance"):
+                result["calibration"]["provenance"] = self.calibrate.provenance(site)
         if "experts" in stats:  # MoE: per (layer, site, expert) counts
             result["experts"] = [{k: r[k] for k in ("layer", "site", "expert", "kept", "counted", "routed_tokens")}
                                  for r in stats["experts"]]
@@ -238,17 +303,27 @@ class SweepRunner:
         done = sum(self.store.has(self.spec.key(*c)) for c in planned)
         if done and self.verbose:
             print(f"resuming: {done} of {len(planned)} cells already in {self.store.root}")
+        self.expect([cell[2] for cell in planned if not self.store.has(self.spec.key(*cell))])
         total = len(dense) + sum(len(cells) for per_value in todo.values() for cells in per_value)
         with tqdm(total=total, desc="cells", unit="cell", disable=not self.verbose) as progress:
+            def advance():
+                progress.update()
+                if self.clock.cells:
+                    progress.set_postfix_str(f"about {duration(self.clock.estimate(self.expected))} left")
+
             for cell in dense:
                 self.cell(*cell)
-                progress.update()
+                advance()
             position = {site: 0 for site in self.spec.sites}
             while True:
                 open_sites = []
                 for site in self.spec.sites:
                     if position[site] < len(values) and early_stop(self.store, self.spec, site) is not None:
-                        progress.total -= sum(len(cells) for cells in todo[site][position[site]:])
+                        skipped = [cell for cells in todo[site][position[site]:] for cell in cells]
+                        progress.total -= len(skipped)
+                        for cell in skipped:  # not evaluated after all: out of the estimate
+                            if cell[2] in self.expected and not self.store.has(self.spec.key(*cell)):
+                                self.expected.remove(cell[2])
                         progress.refresh()
                         position[site] = len(values)
                     if position[site] < len(values):
@@ -261,7 +336,7 @@ class SweepRunner:
                 site = (ready or open_sites)[0]
                 for cell in todo[site][position[site]]:
                     self.cell(*cell)
-                    progress.update()
+                    advance()
                 position[site] += 1
 
     def _others_added_cells(self) -> bool:

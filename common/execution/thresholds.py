@@ -3,7 +3,8 @@ and the single top-p value of the study's rule.
 
 A per-token top-p costs a selection per token; a fixed threshold per layer costs a comparison.
 ``calibrate_thresholds`` sets each layer's threshold to the ``target``-quantile of ``|x|`` over
-the calibration tokens, so that layer drops about that fraction of its entries on similar text.
+the calibration tokens, so that layer drops about that fraction of its entries on similar text:
+the TEAL criterion's calibration (``common.core.calibration``, which the sweeps' criteria share).
 ``calibrate_topp_value`` finds the top-p value whose pooled sparsity over the calibration tokens
 is the target (bisection on p; sparsity decreases as p grows).
 
@@ -24,6 +25,8 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from common.core.calibration import calibrate, score_quantile
+from common.core.criteria import Criterion
 from common.core.hooks import ActivationCapture, ModelHooks
 from common.core.rules import keep_mask
 from common.core.sites import linear_module_names
@@ -129,26 +132,21 @@ def capture_activations(model: nn.Module, batches, sites, layers=None) -> dict[t
 
 def magnitude_quantile(values: torch.Tensor, fraction: float) -> float:
     """The smallest threshold ``t`` with about ``fraction`` of ``|values|`` below it: the
-    (k+1)-th smallest magnitude for k = round(fraction * n); 0 for fraction 0."""
-    magnitudes = values.detach().abs().reshape(-1).float()
-    k = int(round(fraction * magnitudes.numel()))
-    if k == 0:
-        return 0.0
-    if k >= magnitudes.numel():
-        return float("inf")
-    return float(torch.kthvalue(magnitudes, k + 1).values)
+    (k+1)-th smallest magnitude for k = round(fraction * n); 0 for fraction 0
+    (``common.core.calibration.score_quantile`` of the magnitudes)."""
+    return score_quantile(values.detach().abs(), fraction)
 
 
 def thresholds_from_activations(activations: dict[tuple[int, str], torch.Tensor],
                                 target_sparsity: float) -> LayerThresholds:
     """Per (site, layer): the ``target_sparsity`` quantile of ``|x|`` over captured activations
-    (their finite token rows)."""
+    (their finite token rows): the calibration step of the TEAL criterion
+    (``common.core.calibration.calibrate`` with the magnitude score and a calibrated threshold)."""
     _check_target(target_sparsity)
+    [calibration] = calibrate(Criterion("magnitude", "threshold"), activations, [float(target_sparsity)])
     values: dict[str, dict[int, float]] = {}
-    for (layer, site), rows in sorted(activations.items()):
-        rows = rows.reshape(-1, rows.shape[-1])
-        values.setdefault(site, {})[layer] = magnitude_quantile(rows[torch.isfinite(rows).all(dim=-1)],
-                                                                float(target_sparsity))
+    for (layer, site), threshold in sorted(calibration.thresholds.items()):
+        values.setdefault(site, {})[layer] = threshold
     return LayerThresholds(float(target_sparsity), values)
 
 

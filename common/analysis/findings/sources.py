@@ -26,8 +26,9 @@ COMMANDS = {
                        "--threads 1 --repeats 3 --output results/" + SHARED_CONTEXT),
     "eval_overhead": ("python benchmarks/bench_eval_overhead.py --model smollm2-135m --limit 100 --dtype float32 "
                       "--threads 1 --repeats 3 --compare-torch-path --output results/" + EVAL_OVERHEAD),
-    "decode": ("python benchmarks/bench_sparse_decode.py --model smollm2-135m --summary results/dense_sweep/"
-               "smollm2-135m/" + GRID_VARIANT + "/critical.json --output results/" + DECODE),
+    "decode": ("python benchmarks/bench_sparse_decode.py --model smollm2-135m --dtypes float32 bfloat16 --threads 1 2 "
+               "--quality --summary results/dense_sweep/smollm2-135m/" + GRID_VARIANT + "/critical.json --output results/"
+               + DECODE),
 }
 
 
