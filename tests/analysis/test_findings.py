@@ -110,10 +110,30 @@ def write_benchmarks(results: Path) -> None:
         (results / name / "summary.json").write_text(json.dumps(summary))
 
 
+def write_criteria(results: Path, model: str) -> None:
+    """A criteria comparison as ``report criteria --json`` writes it: at the intermediate site wina
+    has the lower answer KL at every level (decided), teal is never decided; both cost a little more."""
+    folder = results / "dense_sweep" / model / findings.CRITERIA_VARIANT
+    folder.mkdir(parents=True)
+    rows = [{"criteria": [name, "magnitude"], "site": "intermediate", "measure": "choice_kl", "level": level,
+             "a": 0.1, "b": 0.1 - difference, "difference": difference, "decided": decided,
+             "interval": [difference - 0.01, difference + 0.01] if decided else [-0.02, 0.02],
+             "better": ("wina" if difference < 0 else "magnitude") if decided else None}
+            for level in (0.3, 0.5, 0.7)
+            for name, difference, decided in (("wina", -0.05, True), ("teal", 0.004, False))]
+    critical = [{"site": "intermediate", "criterion": name, "accuracy": None,
+                 "ppl": {"crossing": crossing, "interval": [crossing - 0.05, crossing + 0.05]}}
+                for name, crossing in (("magnitude", 0.35), ("wina", 0.42), ("teal", 0.33))]
+    cost = [{"criterion": name, "site": "intermediate", "cells": 5, "median_seconds": 3.0, "sparse_over_dense": 1.1,
+             "over_baseline": ratio} for name, ratio in (("magnitude", 1.0), ("wina", 1.04), ("teal", 1.02))]
+    (folder / "comparison.json").write_text(json.dumps({"baseline": "magnitude", "comparisons": rows,
+                                                        "critical": critical, "cost": cost}))
+
+
 def test_every_finding_without_data_names_its_command(tmp_path):
     page = render(tmp_path)
     assert page.figures == {} and len(page.text.splitlines()) <= 300
-    assert page.text.count("Not measured yet: run") == 5  # the cost section names each of its three parts
+    assert page.text.count("Not measured yet: run") == 6  # the cost section names each of its three parts
     for command in ("python experiments/dense_sweep.py --model smollm2-135m", "--model gemma3-270m",
                     findings.COMMANDS["llada"], findings.COMMANDS["moe"], findings.COMMANDS["decode"],
                     findings.COMMANDS["shared_context"], findings.COMMANDS["eval_overhead"]):
@@ -126,9 +146,15 @@ def test_the_findings_read_the_committed_files(tmp_path):
     write_llada(tmp_path)
     write_moe(tmp_path)
     write_benchmarks(tmp_path)
+    write_criteria(tmp_path, "smollm2-135m")
     page = render(tmp_path)
     text = page.text
     assert "Not measured yet" not in text and len(text.splitlines()) <= 300
+    assert ("**At equal measured sparsity, on smollm2-135m, the criterion that moves the answers least is wina at "
+            "intermediate.**") in text
+    assert ("| intermediate | wina | 0.420 [0.370, 0.470] | -0.050 [-0.060, -0.040] | -0.050 [-0.060, -0.040] | "
+            "-0.050 [-0.060, -0.040] | 3 / 0 of 3 | 1.04x |") in text
+    assert "| intermediate | teal | 0.330 [0.280, 0.380] | +0.004 [-0.020, 0.020] |" in text and "| 0 / 0 of 3 |" in text
     assert ("**By PPL-1% the sparsest FFN site is intermediate on smollm2-135m (0.350 [0.330, 0.380]); by answer KL "
             "the site that moves the answers least is intermediate on smollm2-135m (3 of 3 comparisons decided).**"
             ) in text
@@ -148,8 +174,8 @@ def test_the_findings_read_the_committed_files(tmp_path):
             "against an ideal of 1.20x, realizing 40% of the ideal saving in its own layers") in text
     assert "| input | float32, 1 | 0.450 | 100.0 [98.0, 103.0] | 92.6 [88.0, 96.3] | 1.08x | 1.20x | 1.18x | 1.50x | 40% |" in text
     assert "| intermediate | float32, 1 | 0.660 |" in text and "| 0.97x | 1.20x | 1.07x | 1.50x | - |" in text
-    assert set(page.figures) == {"dense_sites.png", "accuracy.png", "llada_steps.png", "moe_experts.png",
-                                 "sweep_cost.png", "decode.png"}
+    assert set(page.figures) == {"dense_sites.png", "accuracy.png", "criteria.png", "llada_steps.png",
+                                 "moe_experts.png", "sweep_cost.png", "decode.png"}
     for name in page.figures:
         assert f"](figures/{name})" in text
 

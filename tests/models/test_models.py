@@ -315,4 +315,4 @@ def test_dense_sweep_rehearsal_of_llada_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     critical = json.loads((out / "critical.json").read_text())
     assert critical["rehearsal"] is True and critical["rehearsal_of"] == "llada-8b-base"
-    assert {entry["site"] for entry in critical["critical"]} == {"intermediate"}
+    assert {entry["site"] for entry in critical["critical"]} == {"input", "intermediate"}  # the quick protocol's

@@ -174,3 +174,31 @@ def decode(rows: list[dict], path: Path) -> None:
             ax.set_ylabel("whole-step speed-up over dense (dashed: ideal)")
             ax.set_title(f"decode at batch 1, {dtype}, {threads} thread(s)")
             ax.legend(loc="upper left")
+
+
+def criteria(panels: list[dict], path: Path) -> None:
+    """Per model and site: each criterion's answer KL minus the baseline's at the same measured
+    sparsity, with its 95% paired interval (0: as good as magnitude top-p; below 0: keeps more)."""
+    columns = max(len(panel["sites"]) for panel in panels)
+    with figure(path, len(panels), columns, height=2.8, width=3.6) as (fig, axes):
+        for row_axes, panel in zip(axes, panels):
+            names = sorted({r["criteria"][0] for r in panel["rows"]})
+            for ax, site in zip(row_axes, panel["sites"]):
+                for k, name in enumerate(names):
+                    rows = sorted((r for r in panel["rows"] if r["site"] == site and r["criteria"][0] == name),
+                                  key=lambda r: r["level"])
+                    if not rows:
+                        continue
+                    x = np.array([r["level"] for r in rows]) + (k - len(names) / 2) * 0.006
+                    y = np.array([r["difference"] for r in rows])
+                    error = np.array([[r["difference"] - r["interval"][0], r["interval"][1] - r["difference"]]
+                                      for r in rows]).T
+                    ax.errorbar(x, y, yerr=error, marker="o", markersize=3, capsize=2, color=COLORS[(k + 1) % 10],
+                                label=name)
+                ax.axhline(0, color="black", linewidth=0.8)
+                ax.set_xlabel("measured sparsity")
+                ax.set_ylabel(f"answer KL - {panel['baseline']} (nats)")
+                ax.set_title(f"{panel['model']}, {site} [95%]")
+                ax.legend(loc="lower left")
+            for ax in row_axes[len(panel["sites"]):]:
+                ax.set_visible(False)

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 GRID_VARIANT = "small-grid"  # every item of the offline suite, the paper grid with its early stop
+CRITERIA_VARIANT = "criteria"  # every item of the offline suite, every criterion at three sites
+CRITERIA = "magnitude teal cats scap wina larosa"
 DENSE_MODELS = ("smollm2-135m", "gemma3-270m")  # expected on the page; any other model's grid is picked up too
 LLADA = "llada_jaccard/tiny-llada-chars/paper-compat"
 MOE = "moe_experts/moefied-smollm2-135m/small-30"
@@ -14,9 +17,15 @@ EVAL_OVERHEAD = "eval_overhead/smollm2-135m/cpu"
 DECODE = "sparse_decode/smollm2-135m/cpu"
 
 COMMANDS = {
-    "dense": "\n".join(f"python experiments/dense_sweep.py --model {{model}} --sites input intermediate up gate "
-                       f"all_inputs --tasks small --limit 0 --stop-below 0.9 --dtype bfloat16 --output "
+    "dense": "\n".join(f"python experiments/dense_sweep.py --model {{model}} --protocol paper --sites input "
+                       f"intermediate up gate all_inputs --tasks small --limit 0 --stop-below 0.9 --dtype bfloat16 --output "
                        f"results/dense_sweep/{{model}}/{GRID_VARIANT} --shard {k}/2 &" for k in (1, 2)) + "\nwait",
+    "criteria": "\n".join(f"python experiments/dense_sweep.py --model {{model}} --protocol paper --sites input "
+                          f"intermediate all_inputs --criterion {CRITERIA} --grid 0.995 0.98 0.95 0.9 0.8 0.6 --targets "
+                          f"0.1 0.2 0.3 0.4 0.5 0.7 --tasks small --limit 0 --dtype bfloat16 --output "
+                          f"results/dense_sweep/{{model}}/{CRITERIA_VARIANT} --shard {k}/2 &" for k in (1, 2))
+                + f"\nwait\npython -m common.cli.report criteria results/dense_sweep/{{model}}/{CRITERIA_VARIANT} "
+                  f"--json results/dense_sweep/{{model}}/{CRITERIA_VARIANT}/comparison.json",
     "models": ("python -m common.cli.report models results/dense_sweep/{a}/" + GRID_VARIANT
                + " results/dense_sweep/{b}/" + GRID_VARIANT + " --json results/dense_sweep/{a}-vs-{b}/" + GRID_VARIANT
                + "/comparison.json"),
@@ -39,3 +48,11 @@ def dense_grids(results: Path) -> dict[str, Path]:
     order = [m for m in DENSE_MODELS if m in found] + [m for m in found if m not in DENSE_MODELS]
     return {model: found[model] for model in order
             if (found[model] / "critical.json").is_file() and (found[model] / "tidy.csv").is_file()}
+
+
+def criteria_comparisons(results: Path) -> dict[str, dict]:
+    """model -> its committed criteria comparison (``report criteria --json``), the expected models first."""
+    found = {path.parent.parent.name: path for path in
+             sorted((results / "dense_sweep").glob(f"*/{CRITERIA_VARIANT}/comparison.json"))}
+    order = [m for m in DENSE_MODELS if m in found] + [m for m in found if m not in DENSE_MODELS]
+    return {model: json.loads(found[model].read_text()) for model in order}

@@ -1,0 +1,107 @@
+"""The criteria finding: which criterion keeps most of the model at equal measured sparsity, against
+magnitude top-p, paired over the items; read from each model's committed criteria comparison
+(``report criteria --json``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.analysis.findings import figures as draw
+from common.analysis.findings.page import Section, data_line, interval, load_json, not_measured, number, reading
+from common.analysis.findings.sources import COMMANDS, CRITERIA_VARIANT, DENSE_MODELS, criteria_comparisons
+
+# What each criterion's paper claims, set beside what is measured here.
+PUBLISHED = {
+    "teal": "40-50% model-wide at small loss (TEAL)",
+    "cats": "about 50% FFN at 1-2% loss (CATS)",
+    "scap": "48.5% FFN at -1.5%, CATS 33.3% (SCAP)",
+    "wina": "up to +2.94 points over TEAL at equal sparsity (WINA)",
+    "larosa": "+1.77 points over TEAL at 40% (LaRoSA)",
+}
+SHOWN_LEVELS = (0.3, 0.5, 0.7)
+
+
+def _kl_rows(comparison: dict) -> list[dict]:
+    return [r for r in comparison["comparisons"] if r["measure"] == "choice_kl"]
+
+
+def verdicts(comparison: dict) -> dict[tuple[str, str], dict]:
+    """(site, criterion) -> answer-KL comparisons against the baseline: decided better, decided worse, total."""
+    out: dict[tuple[str, str], dict] = {}
+    for row in _kl_rows(comparison):
+        entry = out.setdefault((row["site"], row["criteria"][0]), {"better": 0, "worse": 0, "levels": 0})
+        entry["levels"] += 1
+        if row["decided"]:
+            entry["better" if row["better"] == row["criteria"][0] else "worse"] += 1
+    return out
+
+
+def keeps_most(comparison: dict, site: str) -> tuple[str, bool]:
+    """The criterion that moves the answers least at ``site`` (most decided wins, then lowest mean
+    difference), and whether its lead over the baseline is decided at every level it reaches."""
+    rows = [r for r in _kl_rows(comparison) if r["site"] == site]
+    scores: dict[str, list] = {comparison["baseline"]: [0, 0.0, 1]}
+    for row in rows:
+        name = row["criteria"][0]
+        entry = scores.setdefault(name, [0, 0.0, 0])
+        entry[0] += 1 if row["decided"] and row["better"] == name else -1 if row["decided"] else 0
+        entry[1] += row["difference"]
+        entry[2] += 1
+    best = max(scores, key=lambda n: (scores[n][0], -scores[n][1] / max(scores[n][2], 1)))
+    decided = best != comparison["baseline"] and scores[best][0] == scores[best][2] and scores[best][2] > 0
+    return best, decided
+
+
+def criteria(results: Path) -> Section:
+    title = "Which criterion keeps most at equal sparsity"
+    found = criteria_comparisons(results)
+    if not found:
+        return Section(title, None, not_measured(COMMANDS["criteria"].format(model=DENSE_MODELS[0])))
+    claims, lines, panels = [], [], []
+    for model, comparison in found.items():
+        baseline = comparison["baseline"]
+        rows = _kl_rows(comparison)
+        sites = list(dict.fromkeys(r["site"] for r in comparison["critical"]))
+        by_level = {(r["site"], r["criteria"][0], r["level"]): r for r in rows}
+        counts = verdicts(comparison)
+        crossings = {(r["site"], r["criterion"]): r for r in comparison["critical"]}
+        cost = {(r["site"], r["criterion"]): r for r in comparison.get("cost", [])}
+        site_claims = []
+        for site in sites:
+            best, decided = keeps_most(comparison, site)
+            site_claims.append(f"{best} at {site}" + ("" if decided or best == baseline else " (not decided at every "
+                                                       "sparsity)"))
+        claims.append(f"on {model}, the criterion that moves the answers least is " + ", ".join(site_claims))
+        lines += [f"**{model}**: answer KL (nats) of each criterion minus {baseline} top-p at the same measured "
+                  "sparsity, with its 95% paired interval; 'decided' counts the sparsities where that interval "
+                  f"excludes 0 (better / worse than {baseline}); PPL-1% is the criterion's own critical sparsity; "
+                  f"cost is the median sparse / dense cell time over {baseline}'s, in the same run.", "",
+                  "| site | criterion | PPL-1% [95% interval] | "
+                  + " | ".join(f"KL at {number(level, 1)}" for level in SHOWN_LEVELS)
+                  + " | decided better / worse | cost |", "|---|---|---|" + "---|" * len(SHOWN_LEVELS) + "---|---|"]
+        for site in sites:
+            names = [baseline] + sorted({r["criteria"][0] for r in rows if r["site"] == site})
+            for name in names:
+                cells = []
+                for level in SHOWN_LEVELS:
+                    row = by_level.get((site, name, level))
+                    cells.append("-" if row is None else f"{row['difference']:+.3f} {interval(row['interval'])}")
+                if name == baseline:
+                    cells = ["0 (baseline)"] * len(SHOWN_LEVELS)
+                verdict = counts.get((site, name))
+                spend = cost.get((site, name), {}).get("over_baseline")
+                lines.append(f"| {site} | {name} | {reading(crossings.get((site, name), {}).get('ppl'))} | "
+                             + " | ".join(cells) + " | "
+                             + ("-" if verdict is None else f"{verdict['better']} / {verdict['worse']} of "
+                                                            f"{verdict['levels']}")
+                             + f" | {'-' if spend is None else number(spend, 2) + 'x'} |")
+        lines.append("")
+        panels.append({"model": model, "baseline": baseline, "sites": sites, "rows": rows})
+    lines += ["Published claims, each on its authors' models and tasks: "
+              + "; ".join(f"{name}: {claim}" for name, claim in PUBLISHED.items())
+              + ". Here every criterion is read on the same items, against magnitude top-p at the same measured "
+              "sparsity; what each criterion computes: [docs/dense-sweep.md](../docs/dense-sweep.md#criteria).", ""]
+    claim = "At equal measured sparsity, " + "; ".join(claims) + "."
+    lines += data_line([f"dense_sweep/{m}/{CRITERIA_VARIANT}" for m in found],
+                       COMMANDS["criteria"].format(model=next(iter(found))))
+    return Section(title, claim, lines, {"criteria.png": lambda path: draw.criteria(panels, path)})
