@@ -61,10 +61,10 @@ def criteria(results: Path) -> Section:
     for model, comparison in found.items():
         baseline = comparison["baseline"]
         rows = _kl_rows(comparison)
-        sites = list(dict.fromkeys(r["site"] for r in comparison["critical"]))
+        crossings = {(r["site"], r["criterion"] or baseline): r for r in comparison["critical"]}
+        sites = list(dict.fromkeys([r["site"] for r in rows] + [s for s, name in crossings if name != baseline]))
         by_level = {(r["site"], r["criteria"][0], r["level"]): r for r in rows}
         counts = verdicts(comparison)
-        crossings = {(r["site"], r["criterion"]): r for r in comparison["critical"]}
         cost = {(r["site"], r["criterion"]): r for r in comparison.get("cost", [])}
         site_claims = []
         for site in sites:
@@ -75,7 +75,7 @@ def criteria(results: Path) -> Section:
         lines += [f"**{model}**: answer KL (nats) of each criterion minus {baseline} top-p at the same measured "
                   "sparsity, with its 95% paired interval; 'decided' counts the sparsities where that interval "
                   f"excludes 0 (better / worse than {baseline}); PPL-1% is the criterion's own critical sparsity; "
-                  f"cost is the median sparse / dense cell time over {baseline}'s, in the same run.", "",
+                  f"cost is the median sparse / dense cell time over {baseline}'s on the same machine.", "",
                   "| site | criterion | PPL-1% [95% interval] | "
                   + " | ".join(f"KL at {number(level, 1)}" for level in SHOWN_LEVELS)
                   + " | decided better / worse | cost |", "|---|---|---|" + "---|" * len(SHOWN_LEVELS) + "---|---|"]

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 GRID_VARIANT = "small-grid"  # every item of the offline suite, the paper grid with its early stop
-CRITERIA_VARIANT = "criteria"  # every item of the offline suite, every criterion at three sites
-CRITERIA = "magnitude teal cats scap wina larosa"
+CRITERIA_VARIANT = "criteria"  # every item of the offline suite, every criterion at input and intermediate
+CRITERIA = "teal cats scap wina larosa"  # magnitude top-p, their baseline, is the grid's
 DENSE_MODELS = ("smollm2-135m", "gemma3-270m")  # expected on the page; any other model's grid is picked up too
 LLADA = "llada_jaccard/tiny-llada-chars/paper-compat"
 MOE = "moe_experts/moefied-smollm2-135m/small-30"
@@ -18,14 +18,13 @@ DECODE = "sparse_decode/smollm2-135m/cpu"
 
 COMMANDS = {
     "dense": "\n".join(f"python experiments/dense_sweep.py --model {{model}} --protocol paper --sites input "
-                       f"intermediate up gate all_inputs --tasks small --limit 0 --stop-below 0.9 --dtype bfloat16 --output "
+                       f"intermediate --tasks small --limit 0 --stop-below 0.9 --dtype bfloat16 --output "
                        f"results/dense_sweep/{{model}}/{GRID_VARIANT} --shard {k}/2 &" for k in (1, 2)) + "\nwait",
     "criteria": "\n".join(f"python experiments/dense_sweep.py --model {{model}} --protocol paper --sites input "
-                          f"intermediate all_inputs --criterion {CRITERIA} --grid 0.995 0.98 0.95 0.9 0.8 0.6 --targets "
-                          f"0.1 0.2 0.3 0.4 0.5 0.7 --tasks small --limit 0 --dtype bfloat16 --output "
+                          f"intermediate --criterion {CRITERIA} --targets 0.1 0.2 0.3 0.5 0.7 --tasks small --limit 0 --dtype bfloat16 --output "
                           f"results/dense_sweep/{{model}}/{CRITERIA_VARIANT} --shard {k}/2 &" for k in (1, 2))
                 + f"\nwait\npython -m common.cli.report criteria results/dense_sweep/{{model}}/{CRITERIA_VARIANT} "
-                  f"--json results/dense_sweep/{{model}}/{CRITERIA_VARIANT}/comparison.json",
+                  f"results/dense_sweep/{{model}}/{GRID_VARIANT} --json results/dense_sweep/{{model}}/{CRITERIA_VARIANT}/comparison.json",
     "models": ("python -m common.cli.report models results/dense_sweep/{a}/" + GRID_VARIANT
                + " results/dense_sweep/{b}/" + GRID_VARIANT + " --json results/dense_sweep/{a}-vs-{b}/" + GRID_VARIANT
                + "/comparison.json"),
