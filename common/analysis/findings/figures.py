@@ -157,8 +157,9 @@ def decode(rows: list[dict], path: Path) -> None:
     """Per dtype and thread count: the whole step's speed-up over dense (bars: the interquartile ranges
     of the two step times combined) and its ideal (dashed), against the sparsity measured while running."""
     settings = list(dict.fromkeys((r["dtype"], r["threads"]) for r in rows))
-    with figure(path, 1, len(settings)) as (fig, axes):
-        for ax, (dtype, threads) in zip(axes[0], settings):
+    columns = min(2, len(settings))
+    with figure(path, -(-len(settings) // columns), columns) as (fig, axes):
+        for ax, (dtype, threads) in zip(axes.flat, settings):
             mine = [r for r in rows if (r["dtype"], r["threads"]) == (dtype, threads)]
             for k, scope in enumerate(dict.fromkeys(r["scope"] for r in mine)):
                 points = sorted((r for r in mine if r["scope"] == scope), key=lambda r: r["entry_sparsity"])
@@ -171,7 +172,7 @@ def decode(rows: list[dict], path: Path) -> None:
                 ax.plot(x, [r["step_ideal_speedup"] for r in points], color=COLORS[k], linestyle="--", linewidth=1)
             ax.axhline(1, color="black", linewidth=0.8)
             ax.set_xlabel("sparsity while running")
-            ax.set_ylabel("whole-step speed-up over dense (dashed: ideal)")
+            ax.set_ylabel("step speed-up (dashed: ideal)")
             ax.set_title(f"decode at batch 1, {dtype}, {threads} thread(s)")
             ax.legend(loc="upper left")
 
