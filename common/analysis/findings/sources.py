@@ -35,6 +35,7 @@ COMMANDS = {
     "eval_overhead": ("python benchmarks/bench_eval_overhead.py --model smollm2-135m --limit 100 --dtype float32 "
                       "--threads 1 --repeats 3 --compare-torch-path --output results/" + EVAL_OVERHEAD),
     "decode": ("python benchmarks/bench_sparse_decode.py --model smollm2-135m --dtypes float32 bfloat16 --threads 1 2 "
+               "--sparsities 0.3 0.5 0.7 --rounds 10 "
                "--quality --summary results/dense_sweep/smollm2-135m/" + GRID_VARIANT + "/critical.json --output results/"
                + DECODE),
 }
