@@ -72,10 +72,12 @@ def criteria(results: Path) -> Section:
             site_claims.append(f"{best} at {site}" + ("" if decided or best == baseline else " (not decided at every "
                                                        "sparsity)"))
         claims.append(f"on {model}, the criterion that moves the answers least is " + ", ".join(site_claims))
-        lines += [f"**{model}**: answer KL (nats) of each criterion minus {baseline} top-p at the same measured "
+        lines += [f"**{model}**: answer KL (nats) of each criterion minus {baseline} at the same measured "
                   "sparsity, with its 95% paired interval; 'decided' counts the sparsities where that interval "
                   f"excludes 0 (better / worse than {baseline}); PPL-1% is the criterion's own critical sparsity; "
-                  f"cost is the median sparse / dense cell time over {baseline}'s on the same machine.", "",
+                  f"cost is the median sparse / dense cell time over {baseline}'s on the same machine (cells that ran "
+                  "beside other sweeps: a coarse reading; a per-token top-p sorts, a calibrated threshold compares).",
+                  "",
                   "| site | criterion | PPL-1% [95% interval] | "
                   + " | ".join(f"KL at {number(level, 1)}" for level in SHOWN_LEVELS)
                   + " | decided better / worse | cost |", "|---|---|---|" + "---|" * len(SHOWN_LEVELS) + "---|---|"]
@@ -100,7 +102,7 @@ def criteria(results: Path) -> Section:
     lines += ["Published claims, each on its authors' models and tasks: "
               + "; ".join(f"{name}: {claim}" for name, claim in PUBLISHED.items())
               + ". Here every criterion is read on the same items, against magnitude top-p at the same measured "
-              "sparsity; what each criterion computes: [docs/dense-sweep.md](../docs/dense-sweep.md#criteria).", ""]
+              "sparsity; what each criterion computes: [docs/dense-sweep.md](../docs/dense-sweep.md#criteria-which-entries-to-keep).", ""]
     claim = "At equal measured sparsity, " + "; ".join(claims) + "."
     lines += data_line([f"dense_sweep/{m}/{CRITERIA_VARIANT}" for m in found],
                        COMMANDS["criteria"].format(model=next(iter(found))))
