@@ -53,6 +53,16 @@ def _intervals(ax, sites: list[str], readings: dict, xlabel: str, title: str) ->
     ax.legend(loc="best")
 
 
+def _differences(ax, rows: list[dict], k: int, count: int, label: str) -> None:
+    """One curve of paired differences against measured sparsity with their 95% intervals, the
+    k-th of ``count`` shifted slightly so that overlapping intervals stay readable."""
+    rows = sorted(rows, key=lambda r: r["level"])
+    x = np.array([r["level"] for r in rows]) + (k - count / 2) * 0.006
+    y = np.array([r["difference"] for r in rows])
+    error = np.array([[r["difference"] - r["interval"][0], r["interval"][1] - r["difference"]] for r in rows]).T
+    ax.errorbar(x, y, yerr=error, marker="o", markersize=3, capsize=2, color=COLORS[(k + 1) % 10], label=label)
+
+
 def dense_sites(panels: list[dict], path: Path) -> None:
     """Per model: PPL-1% crossings with interval and band; answer KL of every site against the best."""
     with figure(path, len(panels), 2) as (fig, axes):
@@ -61,13 +71,8 @@ def dense_sites(panels: list[dict], path: Path) -> None:
             _intervals(left, sites, panel["ppl"], "measured sparsity", f"{panel['model']}: PPL-1% critical sparsity")
             others = list(dict.fromkeys(r["other"] for r in panel["kl"]))
             for k, other in enumerate(others):
-                rows = sorted((r for r in panel["kl"] if r["other"] == other), key=lambda r: r["level"])
-                x = np.array([r["level"] for r in rows]) + (k - len(others) / 2) * 0.006
-                y = np.array([r["difference"] for r in rows])
-                error = np.array([[r["difference"] - r["interval"][0], r["interval"][1] - r["difference"]]
-                                  for r in rows]).T
-                right.errorbar(x, y, yerr=error, marker="o", markersize=3, capsize=2, color=COLORS[(k + 1) % 10],
-                               label=other)
+                rows = [r for r in panel["kl"] if r["other"] == other]
+                _differences(right, rows, k, len(others), other)
             right.axhline(0, color="black", linewidth=0.8)
             right.set_xlabel("measured sparsity")
             right.set_ylabel(f"answer KL: site - {panel['best']} (nats)")
@@ -186,16 +191,9 @@ def criteria(panels: list[dict], path: Path) -> None:
             names = sorted({r["criteria"][0] for r in panel["rows"]})
             for ax, site in zip(row_axes, panel["sites"]):
                 for k, name in enumerate(names):
-                    rows = sorted((r for r in panel["rows"] if r["site"] == site and r["criteria"][0] == name),
-                                  key=lambda r: r["level"])
-                    if not rows:
-                        continue
-                    x = np.array([r["level"] for r in rows]) + (k - len(names) / 2) * 0.006
-                    y = np.array([r["difference"] for r in rows])
-                    error = np.array([[r["difference"] - r["interval"][0], r["interval"][1] - r["difference"]]
-                                      for r in rows]).T
-                    ax.errorbar(x, y, yerr=error, marker="o", markersize=3, capsize=2, color=COLORS[(k + 1) % 10],
-                                label=name)
+                    rows = [r for r in panel["rows"] if r["site"] == site and r["criteria"][0] == name]
+                    if rows:
+                        _differences(ax, rows, k, len(names), name)
                 ax.axhline(0, color="black", linewidth=0.8)
                 ax.set_xlabel("measured sparsity")
                 ax.set_ylabel(f"answer KL - {panel['baseline']} (nats)")
