@@ -43,6 +43,7 @@ def main() -> None:
                         help="CPU threads (torch.set_num_threads; a sweep shard runs with 1); default: torch's")
     parser.add_argument("--output", type=Path, default=None, help="a folder for summary.json (per-repeat times)")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()  # 1, 5, 15 minutes, before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     import lm_eval
@@ -131,7 +132,7 @@ def main() -> None:
                  "scores": results[(site, shared)][1]} for site, shared in configurations]
         setup = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "limit": args.limit,
                  "tasks": tasks, "batch_size": args.batch_size, "repeats": args.repeats, "value": args.value,
-                 "site": args.site, "load_average": os.getloadavg()}
+                 "site": args.site, "load_average_at_start": load_at_start, "load_average": os.getloadavg()}
         atomic_write_json(args.output / "summary.json", {"setup": setup, "rows": rows,
                                                          "provenance": environment(args.dtype, "cpu")})
         print(f"written: {args.output / 'summary.json'}")

@@ -128,6 +128,13 @@ def write_criteria(results: Path, model: str) -> None:
              "over_baseline": ratio} for name, ratio in (("magnitude", 1.0), ("wina", 1.04), ("teal", 1.02))]
     (folder / "comparison.json").write_text(json.dumps({"baseline": "magnitude", "comparisons": rows,
                                                         "critical": critical, "cost": cost}))
+    timing = results / findings.CRITERIA_COST.format(model=model)
+    timing.mkdir(parents=True)
+    (timing / "summary.json").write_text(json.dumps({
+        "setup": {"task": "bb_social_iqa", "limit": 100, "value": 0.9, "target": 0.5, "repeats": 3,
+                  "dtype": "float32", "threads": 1, "load_average_at_start": [0.2, 0.3, 0.3]},
+        "rows": [{"site": "intermediate", "dense_seconds": [9.0] * 3, "sparse_seconds": [10.0] * 3,
+                  "criteria_seconds": {"wina": [10.4, 10.3, 10.6], "teal": [9.0, 9.5, 9.2]}}]}))
 
 
 def test_every_finding_without_data_names_its_command(tmp_path):
@@ -153,7 +160,12 @@ def test_the_findings_read_the_committed_files(tmp_path):
     assert ("**At equal measured sparsity, on smollm2-135m, the criterion that moves the answers least is wina at "
             "intermediate.**") in text
     assert ("| intermediate | wina | 0.420 [0.370, 0.470] | -0.050 [-0.060, -0.040] | -0.050 [-0.060, -0.040] | "
-            "-0.050 [-0.060, -0.040] | 3 / 0 of 3 | 1.04x |") in text
+            "-0.050 [-0.060, -0.040] | 3 / 0 of 3 | 1.04x [1.03, 1.06] |") in text
+    assert "| intermediate | magnitude | 0.350 [0.300, 0.400] |" in text and "| 1 (baseline) |" in text
+    assert "| 0 / 0 of 3 | 0.92x [0.90, 0.95] |" in text
+    assert "magnitude top-p at p = 0.9, alternated in one run (3 repeats" in text and "load 0.20 at the start" in text
+    assert "results/criteria_cost/smollm2-135m/cpu" in text and findings.COMMANDS["criteria_cost"].format(
+        model="smollm2-135m") in text
     assert "| intermediate | teal | 0.330 [0.280, 0.380] | +0.004 [-0.020, 0.020] |" in text and "| 0 / 0 of 3 |" in text
     assert ("**By PPL-1% the sparsest FFN site is intermediate on smollm2-135m (0.350 [0.330, 0.380]); by answer KL "
             "the site that moves the answers least is intermediate on smollm2-135m (3 of 3 comparisons decided).**"

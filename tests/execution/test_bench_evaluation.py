@@ -16,8 +16,8 @@ from tests.tiny_models import save_tiny_llama
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(script, *args):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _run(script, *args, env=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=600)
 
@@ -68,3 +68,24 @@ def test_shared_context_benchmark_on_tiny_model(tiny_dir, tmp_path):
 def test_threads_must_be_positive(script):
     result = _run(script, "--threads", "0")
     assert result.returncode == 2 and "--threads: expected 1 or more, got 0" in result.stderr
+
+
+def test_eval_overhead_times_criteria_beside_top_p(tiny_dir, tmp_path):
+    result = _run("bench_eval_overhead.py", "--model", str(tiny_dir), "--limit", "3", "--repeats", "1",
+                  "--sites", "input", "intermediate", "--threads", "1", "--criteria", "teal", "cats", "wina",
+                  "--target", "0.4", "--output", str(tmp_path), env={"ACTIVATION_SPARSITY_CACHE": str(tmp_path / "c")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["setup"]["criteria"] == ["teal", "cats", "wina"] and summary["setup"]["target"] == 0.4
+    assert len(summary["setup"]["load_average_at_start"]) == 3
+    timed = {r["site"]: sorted(r["criteria_seconds"]) for r in summary["rows"]}
+    assert timed == {"input": ["teal", "wina"], "intermediate": ["cats", "teal", "wina"]}  # CATS: intermediate only
+    assert all(len(s) == 1 and s[0] > 0 for r in summary["rows"] for s in r["criteria_seconds"].values())
+    assert "|   cats at 0.4 |" in result.stdout
+    assert list((tmp_path / "c" / "calibration").iterdir())  # calibrated before the timing, cached
+
+
+def test_eval_overhead_refuses_an_unknown_criterion_before_loading():
+    result = _run("bench_eval_overhead.py", "--model", "no-such-model", "--criteria", "teel")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("unknown criterion 'teel'")

@@ -17,11 +17,11 @@ from common.analysis.findings.costs import decode, sweep_cost
 from common.analysis.findings.criteria import criteria
 from common.analysis.findings.dense import accuracy, dense_sites
 from common.analysis.findings.page import Page, slug
-from common.analysis.findings.sources import (COMMANDS, CRITERIA_VARIANT, DECODE, DENSE_MODELS, EVAL_OVERHEAD,
-                                              GRID_VARIANT, LLADA, MOE, SHARED_CONTEXT)
+from common.analysis.findings.sources import (COMMANDS, CRITERIA_COST, CRITERIA_VARIANT, DECODE, DENSE_MODELS,
+                                              EVAL_OVERHEAD, GRID_VARIANT, LLADA, MOE, SHARED_CONTEXT)
 from common.analysis.findings.studies import llada, moe
 
-__all__ = ["COMMANDS", "CRITERIA_VARIANT", "DECODE", "DENSE_MODELS", "EVAL_OVERHEAD", "FINDINGS", "GRID_VARIANT", "LLADA", "MOE",
+__all__ = ["COMMANDS", "CRITERIA_COST", "CRITERIA_VARIANT", "DECODE", "DENSE_MODELS", "EVAL_OVERHEAD", "FINDINGS", "GRID_VARIANT", "LLADA", "MOE",
            "SHARED_CONTEXT", "render", "write_page"]
 
 FINDINGS = (dense_sites, accuracy, criteria, llada, moe, sweep_cost, decode)

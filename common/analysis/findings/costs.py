@@ -11,7 +11,8 @@ import pandas as pd
 
 from common.analysis.findings import figures as draw
 from common.analysis.findings.dense import items_label
-from common.analysis.findings.page import Section, data_line, interval, load_json, not_measured, number
+from common.analysis.findings.page import Section, data_line, interval, load_json, median_ratio, not_measured, \
+    number
 from common.analysis.findings.sources import COMMANDS, DECODE, DENSE_MODELS, EVAL_OVERHEAD, GRID_VARIANT, \
     SHARED_CONTEXT, dense_grids
 from common.evaluation.tasks import PERPLEXITY_TASKS
@@ -61,7 +62,7 @@ def sweep_cost(results: Path) -> Section:
                   COMMANDS["shared_context"], "```", ""]
     if overhead:
         setup = overhead.get("setup", {})
-        data["overhead"] = rows = [dict(site=r["site"], **_ratio(r["sparse_seconds"], r["dense_seconds"]))
+        data["overhead"] = rows = [dict(site=r["site"], **median_ratio(r["sparse_seconds"], r["dense_seconds"]))
                                    for r in overhead["rows"]]
         claims.append("a sparsified evaluation costs " + ", ".join(f"{number(r['ratio'], 2)}x" for r in rows)
                       + " the dense one")
@@ -89,19 +90,12 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(values), q[2]
 
 
-def _ratio(numerator: list[float], denominator: list[float]) -> dict:
-    """median(numerator) / median(denominator), and the range of the paired ratios over repeats."""
-    paired = [n / d for n, d in zip(numerator, denominator)]
-    return {"ratio": statistics.median(numerator) / statistics.median(denominator), "low": min(paired),
-            "high": max(paired)}
-
-
 def _speedups(rows: list[dict], key: str, before: str, after: str, measure: str) -> list[dict]:
     out = []
     for site in dict.fromkeys(r["site"] for r in rows):
         pair = {r[key]: r for r in rows if r["site"] == site}
         if before in pair and after in pair:
-            out.append({"site": site, **_ratio(pair[before][measure], pair[after][measure])})
+            out.append({"site": site, **median_ratio(pair[before][measure], pair[after][measure])})
     return out
 
 

@@ -1,14 +1,17 @@
 """The criteria finding: which criterion keeps most of the model at equal measured sparsity, against
 magnitude top-p, paired over the items; read from each model's committed criteria comparison
-(``report criteria --json``)."""
+(``report criteria --json``), with each criterion's evaluation time against magnitude top-p from the
+side-by-side benchmark (``bench_eval_overhead.py --criteria``) where it ran."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from common.analysis.findings import figures as draw
-from common.analysis.findings.page import Section, data_line, interval, load_json, not_measured, number, reading
-from common.analysis.findings.sources import COMMANDS, CRITERIA_VARIANT, DENSE_MODELS, criteria_comparisons
+from common.analysis.findings.page import Section, data_line, interval, load_json, median_ratio, not_measured, \
+    number, reading
+from common.analysis.findings.sources import COMMANDS, CRITERIA_ALL_INPUTS, CRITERIA_COST, DENSE_MODELS, \
+    criteria_comparisons
 
 # What each criterion's paper claims, set beside what is measured here.
 PUBLISHED = {
@@ -52,6 +55,27 @@ def keeps_most(comparison: dict, site: str) -> tuple[str, bool]:
     return best, decided
 
 
+def measured_cost(summary: dict | None) -> dict[tuple[str, str], dict]:
+    """(site, criterion) -> its evaluation time over magnitude top-p's (``median_ratio``), from a
+    ``bench_eval_overhead.py --criteria`` summary (empty without one)."""
+    if not summary:
+        return {}
+    return {(row["site"], name): median_ratio(seconds, row["sparse_seconds"])
+            for row in summary["rows"] for name, seconds in row.get("criteria_seconds", {}).items()}
+
+
+def _cost_line(summary: dict, model: str) -> str:
+    setup = summary["setup"]
+    load = setup.get("load_average_at_start")
+    return (f"Cost ({model}): one evaluation of {setup['task']} ({setup['limit']} items) with the criterion at target "
+            f"{number(setup['target'], 1)} over the same with magnitude top-p at p = {setup['value']:g}, alternated in one "
+            f"run ({setup['repeats']} repeats, median, [range of the paired ratios]), {setup['dtype']}, "
+            f"{setup['threads']} thread(s)"
+            + (f", 1-minute load {load[0]:.2f} at the start" if load else "") + ". A calibrated threshold compares where "
+            "a per-token top-p sorts; LaRoSA adds two D x D products per token and site (into the rotated basis and "
+            "back).")
+
+
 def criteria(results: Path) -> Section:
     title = "Which criterion keeps most at equal sparsity"
     found = criteria_comparisons(results)
@@ -65,7 +89,8 @@ def criteria(results: Path) -> Section:
         sites = list(dict.fromkeys([r["site"] for r in rows] + [s for s, name in crossings if name != baseline]))
         by_level = {(r["site"], r["criteria"][0], r["level"]): r for r in rows}
         counts = verdicts(comparison)
-        cost = {(r["site"], r["criterion"]): r for r in comparison.get("cost", [])}
+        timing = load_json(results / CRITERIA_COST.format(model=model) / "summary.json")
+        cost = measured_cost(timing)
         site_claims = []
         for site in sites:
             best, decided = keeps_most(comparison, site)
@@ -75,9 +100,7 @@ def criteria(results: Path) -> Section:
         lines += [f"**{model}**: answer KL (nats) of each criterion minus {baseline} at the same measured "
                   "sparsity, with its 95% paired interval; 'decided' counts the sparsities where that interval "
                   f"excludes 0 (better / worse than {baseline}); PPL-1% is the criterion's own critical sparsity; "
-                  f"cost is the median sparse / dense cell time over {baseline}'s on the same machine (cells that ran "
-                  "beside other sweeps: a coarse reading; a per-token top-p sorts, a calibrated threshold compares).",
-                  "",
+                  f"cost is its evaluation time over {baseline}'s.", "",
                   "| site | criterion | PPL-1% [95% interval] | "
                   + " | ".join(f"KL at {number(level, 1)}" for level in SHOWN_LEVELS)
                   + " | decided better / worse | cost |", "|---|---|---|" + "---|" * len(SHOWN_LEVELS) + "---|---|"]
@@ -91,19 +114,28 @@ def criteria(results: Path) -> Section:
                 if name == baseline:
                     cells = ["0 (baseline)"] * len(SHOWN_LEVELS)
                 verdict = counts.get((site, name))
-                spend = cost.get((site, name), {}).get("over_baseline")
+                spend = cost.get((site, name))
                 lines.append(f"| {site} | {name} | {reading(crossings.get((site, name), {}).get('ppl'))} | "
                              + " | ".join(cells) + " | "
                              + ("-" if verdict is None else f"{verdict['better']} / {verdict['worse']} of "
                                                             f"{verdict['levels']}")
-                             + f" | {'-' if spend is None else number(spend, 2) + 'x'} |")
+                             + " | " + ("1 (baseline)" if name == baseline and cost else "-" if spend is None
+                                        else f"{number(spend['ratio'], 2)}x {interval([spend['low'], spend['high']], 2)}")
+                             + " |")
         lines.append("")
+        if timing:
+            lines += [_cost_line(timing, model), ""]
         panels.append({"model": model, "baseline": baseline, "sites": sites, "rows": rows})
     lines += ["Published claims, each on its authors' models and tasks: "
               + "; ".join(f"{name}: {claim}" for name, claim in PUBLISHED.items())
               + ". Here every criterion is read on the same items, against magnitude top-p at the same measured "
               "sparsity; what each criterion computes: [docs/dense-sweep.md](../docs/dense-sweep.md#criteria-which-entries-to-keep).", ""]
     claim = "At equal measured sparsity, " + "; ".join(claims) + "."
-    lines += data_line([f"dense_sweep/{m}/{CRITERIA_VARIANT}" for m in found],
-                       COMMANDS["criteria"].format(model=next(iter(found))))
+    timed = [m for m in found if (results / CRITERIA_COST.format(model=m) / "summary.json").is_file()]
+    folders = [folder for comparison in found.values() for folder in comparison["folders"]]
+    first = next(iter(found))
+    commands = [COMMANDS["criteria"].format(model=first)] + (
+        [COMMANDS["criteria_all_inputs"].format(model=first)] if any(CRITERIA_ALL_INPUTS in f for f in folders) else [])
+    lines += data_line(folders + [CRITERIA_COST.format(model=m) for m in timed],
+                       "\n".join(commands + [COMMANDS["criteria_cost"].format(model=m) for m in timed[:1]]))
     return Section(title, claim, lines, {"criteria.png": lambda path: draw.criteria(panels, path)})

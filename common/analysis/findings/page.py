@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,6 +66,14 @@ def not_measured(*commands: str) -> list[str]:
 def data_line(folders: list[str], command: str) -> list[str]:
     return ["", "Data: " + ", ".join(f"[`results/{f}`]({f})" for f in folders) + ". Reproduce:", "", "```bash",
             command, "```"]
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> dict:
+    """median(numerator) / median(denominator) of times measured in alternation, and the range of
+    the paired ratios over the repeats."""
+    paired = [n / d for n, d in zip(numerator, denominator)]
+    return {"ratio": statistics.median(numerator) / statistics.median(denominator), "low": min(paired),
+            "high": max(paired)}
 
 
 def load_json(path: Path) -> dict | list | None:

@@ -8,12 +8,14 @@ from pathlib import Path
 
 GRID_VARIANT = "small-grid"  # every item of the offline suite, the paper grid with its early stop
 CRITERIA_VARIANT = "criteria"  # every item of the offline suite, every criterion at input and intermediate
+CRITERIA_ALL_INPUTS = "criteria-all-inputs"  # the same at all_inputs, magnitude top-p in the same run
 CRITERIA = "teal cats scap wina larosa"  # magnitude top-p, their baseline, is the grid's
 DENSE_MODELS = ("smollm2-135m", "gemma3-270m")  # expected on the page; any other model's grid is picked up too
 LLADA = "llada_jaccard/tiny-llada-chars/paper-compat"
 MOE = "moe_experts/moefied-smollm2-135m/small-30"
 SHARED_CONTEXT = "shared_context/smollm2-135m/cpu"
 EVAL_OVERHEAD = "eval_overhead/smollm2-135m/cpu"
+CRITERIA_COST = "criteria_cost/{model}/cpu"
 DECODE = "sparse_decode/smollm2-135m/cpu"
 
 COMMANDS = {
@@ -25,6 +27,13 @@ COMMANDS = {
                           f"results/dense_sweep/{{model}}/{CRITERIA_VARIANT} --shard {k}/2 &" for k in (1, 2))
                 + f"\nwait\npython -m common.cli.report criteria results/dense_sweep/{{model}}/{CRITERIA_VARIANT} "
                   f"results/dense_sweep/{{model}}/{GRID_VARIANT} --json results/dense_sweep/{{model}}/{CRITERIA_VARIANT}/comparison.json",
+    "criteria_all_inputs": "\n".join(
+        f"python experiments/dense_sweep.py --model {{model}} --protocol paper --sites all_inputs --criterion magnitude "
+        f"{CRITERIA} --grid 0.6 0.7 0.8 0.85 0.9 0.94 0.97 0.985 0.995 1 --targets 0.1 0.2 0.3 0.4 0.5 0.7 --tasks small "
+        f"--limit 0 --dtype bfloat16 --output results/dense_sweep/{{model}}/{CRITERIA_ALL_INPUTS} --shard {k}/2 &"
+        for k in (1, 2))
+        + f"\nwait\npython -m common.cli.report criteria results/dense_sweep/{{model}}/{CRITERIA_ALL_INPUTS} --json "
+          f"results/dense_sweep/{{model}}/{CRITERIA_ALL_INPUTS}/comparison.json",
     "models": ("python -m common.cli.report models results/dense_sweep/{a}/" + GRID_VARIANT
                + " results/dense_sweep/{b}/" + GRID_VARIANT + " --json results/dense_sweep/{a}-vs-{b}/" + GRID_VARIANT
                + "/comparison.json"),
@@ -34,6 +43,8 @@ COMMANDS = {
                        "--threads 1 --repeats 3 --output results/" + SHARED_CONTEXT),
     "eval_overhead": ("python benchmarks/bench_eval_overhead.py --model smollm2-135m --limit 100 --dtype float32 "
                       "--threads 1 --repeats 3 --compare-torch-path --output results/" + EVAL_OVERHEAD),
+    "criteria_cost": ("python benchmarks/bench_eval_overhead.py --model {model} --limit 100 --dtype float32 --threads 1 "
+                      "--repeats 3 --criteria " + CRITERIA + " --target 0.5 --output results/" + CRITERIA_COST),
     "decode": ("python benchmarks/bench_sparse_decode.py --model smollm2-135m --dtypes float32 bfloat16 --threads 1 2 "
                "--sparsities 0.3 0.5 0.7 --rounds 10 "
                "--quality --summary results/dense_sweep/smollm2-135m/" + GRID_VARIANT + "/critical.json --output results/"
@@ -51,8 +62,19 @@ def dense_grids(results: Path) -> dict[str, Path]:
 
 
 def criteria_comparisons(results: Path) -> dict[str, dict]:
-    """model -> its committed criteria comparison (``report criteria --json``), the expected models first."""
-    found = {path.parent.parent.name: path for path in
-             sorted((results / "dense_sweep").glob(f"*/{CRITERIA_VARIANT}/comparison.json"))}
+    """model -> its committed criteria comparisons (``report criteria --json`` of each criteria study,
+    ``CRITERIA_VARIANT`` and ``CRITERIA_ALL_INPUTS``), merged into one (their sites differ), with the
+    folders read under "folders"; the expected models first."""
+    found: dict[str, dict] = {}
+    for variant in (CRITERIA_VARIANT, CRITERIA_ALL_INPUTS):
+        for path in sorted((results / "dense_sweep").glob(f"*/{variant}/comparison.json")):
+            part, merged = json.loads(path.read_text()), found.setdefault(path.parent.parent.name, {})
+            if merged and part["baseline"] != merged["baseline"]:
+                raise ValueError(f"{path}: baseline {part['baseline']}, not {merged['baseline']} as in "
+                                 f"{merged['folders'][0]}; rerun its report criteria")
+            merged.setdefault("baseline", part["baseline"])
+            for key in ("comparisons", "critical"):
+                merged.setdefault(key, []).extend(part[key])
+            merged.setdefault("folders", []).append(str(path.parent.relative_to(results)))
     order = [m for m in DENSE_MODELS if m in found] + [m for m in found if m not in DENSE_MODELS]
-    return {model: json.loads(found[model].read_text()) for model in order}
+    return {model: found[model] for model in order}
