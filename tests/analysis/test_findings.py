@@ -234,6 +234,24 @@ def test_the_page_and_its_figures_are_the_same_bytes_from_the_same_files(tmp_pat
     assert {p.name: p.read_bytes() for p in (tmp_path / "again" / "figures").iterdir()} == first
 
 
+def test_the_figures_do_not_depend_on_what_the_process_drew_before(tmp_path):
+    """The page drawn by the command (a fresh process) and in a process where the sweep figures'
+    seaborn theme is set (it redefines colour codes such as "k" process-wide) are the same bytes."""
+    import common.analysis.figures  # noqa: F401  (sets the seaborn theme)
+
+    results = tmp_path / "results"
+    write_grid(results, "smollm2-135m", ppl={"input": 0.16, "intermediate": 0.35},
+               accuracy={"input": 0.19, "intermediate": 0.09})
+    write_benchmarks(results)
+    write_criteria(results, "smollm2-135m")
+    write_page(render(results), tmp_path / "here")
+    run = _report("findings", "--results", str(results), "--output", str(tmp_path / "fresh"))
+    assert run.returncode == 0, run.stderr
+    here, fresh = ({p.name: p.read_bytes() for p in (tmp_path / d / "figures").iterdir()} for d in ("here", "fresh"))
+    assert set(here) == {"dense_sites.png", "accuracy.png", "criteria.png", "sweep_cost.png", "decode.png"}
+    assert here == fresh
+
+
 def _report(*args):
     return subprocess.run([sys.executable, "-m", "common.cli.report", *args], capture_output=True, text=True,
                           cwd=REPO)

@@ -150,8 +150,10 @@ def sweep_cost(data: dict, path: Path) -> None:
             x = np.arange(len(bars))
             values = np.array([r["ratio"] for _, r in bars])
             error = np.array([[r["ratio"] - r["low"], r["high"] - r["ratio"]] for _, r in bars]).T
-            ax.bar(x, values, yerr=error, capsize=3, color=[COLORS[0] if n.startswith("shared") else COLORS[1]
-                                                            for n, _ in bars])
+            # ecolor named in full: bar's default "k" is a colour code that seaborn's theme (imported by
+            # the sweep figures) redefines for the whole process.
+            ax.bar(x, values, yerr=error, capsize=3, ecolor="black",
+                   color=[COLORS[0] if n.startswith("shared") else COLORS[1] for n, _ in bars])
             ax.axhline(1, color="black", linewidth=0.8)
             ax.set_xticks(x, [n for n, _ in bars], rotation=30, ha="right")
             ax.set_ylabel("x")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 GRID_VARIANT = "small-grid"  # every item of the offline suite, the paper grid with its early stop
 CRITERIA_VARIANT = "criteria"  # every item of the offline suite, every criterion at input and intermediate
-CRITERIA_ALL_INPUTS = "criteria-all-inputs"  # the same at all_inputs, magnitude top-p in the same run
+CRITERIA_ALL_INPUTS = "criteria-all-inputs"  # all_inputs, magnitude top-p in the same run (CATS does not apply;
+# LaRoSA's rotation, at twice the cost, is left out there)
 CRITERIA = "teal cats scap wina larosa"  # magnitude top-p, their baseline, is the grid's
 DENSE_MODELS = ("smollm2-135m", "gemma3-270m")  # expected on the page; any other model's grid is picked up too
 LLADA = "llada_jaccard/tiny-llada-chars/paper-compat"
@@ -29,7 +30,7 @@ COMMANDS = {
                   f"results/dense_sweep/{{model}}/{GRID_VARIANT} --json results/dense_sweep/{{model}}/{CRITERIA_VARIANT}/comparison.json",
     "criteria_all_inputs": "\n".join(
         f"python experiments/dense_sweep.py --model {{model}} --protocol paper --sites all_inputs --criterion magnitude "
-        f"{CRITERIA} --grid 0.6 0.7 0.8 0.85 0.9 0.94 0.97 0.985 0.995 1 --targets 0.1 0.2 0.3 0.4 0.5 0.7 --tasks small "
+        f"teal scap wina --grid 0.6 0.7 0.8 0.85 0.9 0.94 0.97 0.985 0.995 1 --targets 0.1 0.2 0.3 0.5 0.7 --tasks small "
         f"--limit 0 --dtype bfloat16 --output results/dense_sweep/{{model}}/{CRITERIA_ALL_INPUTS} --shard {k}/2 &"
         for k in (1, 2))
         + f"\nwait\npython -m common.cli.report criteria results/dense_sweep/{{model}}/{CRITERIA_ALL_INPUTS} --json "
