@@ -155,8 +155,6 @@ def _share(value) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
-def _setting(row: dict) -> str:
-    return f"{row['scope']}, {row['dtype']}, {row['threads']} thread(s)"
 
 
 def _ms(part: dict) -> str:

@@ -19,22 +19,27 @@ EVAL_OVERHEAD = "eval_overhead/smollm2-135m/cpu"
 CRITERIA_COST = "criteria_cost/{model}/cpu"
 DECODE = "sparse_decode/smollm2-135m/cpu"
 
+
+def _two_shards(arguments: str, output: str) -> str:
+    """A dense sweep as two ``--shard`` processes side by side, then ``wait``."""
+    return "\n".join(f"python experiments/dense_sweep.py {arguments} --output results/{output} --shard {k}/2 &"
+                     for k in (1, 2)) + "\nwait"
+
+
 COMMANDS = {
-    "dense": "\n".join(f"python experiments/dense_sweep.py --model {{model}} --protocol paper --sites input "
-                       f"intermediate --tasks small --limit 0 --stop-below 0.9 --dtype bfloat16 --output "
-                       f"results/dense_sweep/{{model}}/{GRID_VARIANT} --shard {k}/2 &" for k in (1, 2)) + "\nwait",
-    "criteria": "\n".join(f"python experiments/dense_sweep.py --model {{model}} --protocol paper --sites input "
-                          f"intermediate --criterion {CRITERIA} --targets 0.1 0.2 0.3 0.5 0.7 --tasks small --limit 0 --dtype bfloat16 --output "
-                          f"results/dense_sweep/{{model}}/{CRITERIA_VARIANT} --shard {k}/2 &" for k in (1, 2))
-                + f"\nwait\npython -m common.cli.report criteria results/dense_sweep/{{model}}/{CRITERIA_VARIANT} "
-                  f"results/dense_sweep/{{model}}/{GRID_VARIANT} --json results/dense_sweep/{{model}}/{CRITERIA_VARIANT}/comparison.json",
-    "criteria_all_inputs": "\n".join(
-        f"python experiments/dense_sweep.py --model {{model}} --protocol paper --sites all_inputs --criterion magnitude "
-        f"teal scap wina --grid 0.6 0.7 0.8 0.85 0.9 0.94 0.97 0.985 0.995 1 --targets 0.1 0.2 0.3 0.5 0.7 --tasks small "
-        f"--limit 0 --dtype bfloat16 --output results/dense_sweep/{{model}}/{CRITERIA_ALL_INPUTS} --shard {k}/2 &"
-        for k in (1, 2))
-        + f"\nwait\npython -m common.cli.report criteria results/dense_sweep/{{model}}/{CRITERIA_ALL_INPUTS} --json "
-          f"results/dense_sweep/{{model}}/{CRITERIA_ALL_INPUTS}/comparison.json",
+    "dense": _two_shards("--model {model} --protocol paper --sites input intermediate --tasks small --limit 0 "
+                         "--stop-below 0.9 --dtype bfloat16", f"dense_sweep/{{model}}/{GRID_VARIANT}"),
+    "criteria": _two_shards(f"--model {{model}} --protocol paper --sites input intermediate --criterion {CRITERIA} "
+                            "--targets 0.1 0.2 0.3 0.5 0.7 --tasks small --limit 0 --dtype bfloat16",
+                            f"dense_sweep/{{model}}/{CRITERIA_VARIANT}")
+    + f"\npython -m common.cli.report criteria results/dense_sweep/{{model}}/{CRITERIA_VARIANT} "
+      f"results/dense_sweep/{{model}}/{GRID_VARIANT} --json results/dense_sweep/{{model}}/{CRITERIA_VARIANT}/comparison.json",
+    "criteria_all_inputs": _two_shards("--model {model} --protocol paper --sites all_inputs --criterion magnitude teal "
+                                       "scap wina --grid 0.6 0.7 0.8 0.85 0.9 0.94 0.97 0.985 0.995 1 --targets 0.1 0.2 "
+                                       "0.3 0.5 0.7 --tasks small --limit 0 --dtype bfloat16",
+                                       f"dense_sweep/{{model}}/{CRITERIA_ALL_INPUTS}")
+    + f"\npython -m common.cli.report criteria results/dense_sweep/{{model}}/{CRITERIA_ALL_INPUTS} --json "
+      f"results/dense_sweep/{{model}}/{CRITERIA_ALL_INPUTS}/comparison.json",
     "models": ("python -m common.cli.report models results/dense_sweep/{a}/" + GRID_VARIANT
                + " results/dense_sweep/{b}/" + GRID_VARIANT + " --json results/dense_sweep/{a}-vs-{b}/" + GRID_VARIANT
                + "/comparison.json"),
