@@ -97,7 +97,7 @@ def write_benchmarks(results: Path) -> None:
             (findings.EVAL_OVERHEAD, {"setup": {"model": "m", "dtype": "float32", "threads": 1, "kernel": "fused"},
                                       "rows": [{"site": "intermediate", "dense_seconds": [10.0, 10.0, 10.0],
                                                 "sparse_seconds": [11.0, 11.5, 12.0]}]}),
-            (findings.DECODE, {"setup": {"model": "m", "device": "cpu", "cpu": "a CPU"}, "rows": [
+            (findings.DECODE.format(model="smollm2-135m"), {"setup": {"model": "m", "device": "cpu", "cpu": "a CPU"}, "rows": [
                 {"scope": scope, "dtype": "float32", "threads": 1, "kind": kind, "target_sparsity": target,
                  "entry_sparsity": target, "step_torch": {"median_ms": 100.0, "p25_ms": 98.0, "p75_ms": 103.0},
                  "step_sparse": {"median_ms": 100.0 / speedup, "p25_ms": 95.0 / speedup, "p75_ms": 104.0 / speedup},
@@ -142,7 +142,8 @@ def test_every_finding_without_data_names_its_command(tmp_path):
     assert page.figures == {} and len(page.text.splitlines()) <= 300
     assert page.text.count("Not measured yet: run") == 6  # the cost section names each of its three parts
     for command in ("python experiments/dense_sweep.py --model smollm2-135m", "--model gemma3-270m",
-                    findings.COMMANDS["llada"], findings.COMMANDS["moe"], findings.COMMANDS["decode"],
+                    findings.COMMANDS["llada"], findings.COMMANDS["moe"],
+                    findings.COMMANDS["decode"].format(model="smollm2-135m", sparsities="0.3 0.5 0.7 0.9"),
                     findings.COMMANDS["shared_context"], findings.COMMANDS["eval_overhead"]):
         assert command in page.text, command
 
@@ -182,13 +183,15 @@ def test_the_findings_read_the_committed_files(tmp_path):
     assert "changes 25% of the generated tokens" in text
     assert "experts of one layer span 0.100 to 0.300 in sparsity (intermediate site)" in text and "0.0034" in text
     assert "dense 2.10x [2.00, 2.20]" in text and "intermediate 1.15x [1.10, 1.20]" in text
-    assert ("In float32 on 1 thread(s), the input site at its PPL-1% critical sparsity 0.45 makes a step 1.08x as fast "
+    assert ("In decode, on smollm2-135m (a CPU, float32, 1 thread(s)), the input site at its PPL-1% critical "
+            "sparsity 0.45 makes a step 1.08x as fast "
             "(ideal 1.20x) and its own layers 1.18x (ideal 1.50x, 40% of the ideal saving against torch, - against the "
             "kernel at sparsity 0); the intermediate site at its PPL-1% critical sparsity 0.66 makes a step 0.97x") in text
     assert ("| input | float32, 1 | 0.450 | 100.0 [98.0, 103.0] | 92.6 [88.0, 96.3] | 1.08x | 1.20x | 1.18x | 1.50x | "
             "40% / - | - |") in text
     assert "| intermediate | float32, 1 | 0.660 |" in text and "| 0.97x | 1.20x | 1.07x | 1.50x | - / - | - |" in text
     assert "| input | float32, 1 | 0.300 |" not in text  # a range row is in the data, not on the page
+    assert "--model smollm2-135m --dtypes float32 bfloat16 --threads 1 2 --sparsities 0.3 --rounds" in text  # as run
     assert set(page.figures) == {"dense_sites.png", "accuracy.png", "criteria.png", "llada_steps.png",
                                  "moe_experts.png", "sweep_cost.png", "decode.png"}
     for name in page.figures:
@@ -215,6 +218,29 @@ def test_a_second_model_and_its_comparison_are_picked_up(tmp_path):
     assert ("answer KL at the same measured sparsity is lower for smollm2-135m at 0 and for gemma3-270m at 2 of 3 "
             "(site, sparsity) comparisons") in text and "overlap on 2 of 2 sites" in text
     assert f"[`results/{name}`]({name})" in text
+
+
+def test_each_model_s_decode_benchmark_gets_its_table_and_row_of_panels(tmp_path):
+    write_benchmarks(tmp_path)
+    smollm2 = json.loads((tmp_path / findings.DECODE.format(model="smollm2-135m") / "summary.json").read_text())
+    gemma = tmp_path / findings.DECODE.format(model="gemma3-270m")
+    gemma.mkdir(parents=True)
+    rows = [dict(r, dtype=dtype, step_speedup_vs_torch=0.5 * r["step_speedup_vs_torch"])
+            for r in smollm2["rows"] for dtype in ("float32", "bfloat16")]
+    (gemma / "summary.json").write_text(json.dumps({"setup": {"model": "g", "device": "cpu", "cpu": "another CPU"},
+                                                    "rows": rows}))
+    page = render(tmp_path)
+    text = page.text
+    assert ("In decode, on smollm2-135m (a CPU, float32, 1 thread(s)), the input site at its PPL-1% critical sparsity "
+            "0.45 makes a step 1.08x as fast") in text
+    assert ("; on gemma3-270m (another CPU, float32, 1 thread(s)), the input site at its PPL-1% critical sparsity "
+            "0.45 makes a step 0.54x as fast") in text
+    assert "**smollm2-135m** on a CPU:" in text and "**gemma3-270m** on another CPU:" in text
+    assert text.index("**smollm2-135m** on a CPU:") < text.index("**gemma3-270m** on another CPU:")
+    assert "| input | bfloat16, 1 | 0.450 |" in text.split("**gemma3-270m**")[1]
+    assert "results/sparse_decode/gemma3-270m/cpu" in text and "--model gemma3-270m --dtypes" in text
+    page.figures["decode.png"](tmp_path / "decode.png")
+    assert (tmp_path / "decode.png").stat().st_size > 10_000
 
 
 def test_the_page_and_its_figures_are_the_same_bytes_from_the_same_files(tmp_path):

@@ -13,8 +13,8 @@ from common.analysis.findings import figures as draw
 from common.analysis.findings.dense import items_label
 from common.analysis.findings.page import Section, data_line, interval, load_json, median_ratio, not_measured, \
     number
-from common.analysis.findings.sources import COMMANDS, DECODE, DENSE_MODELS, EVAL_OVERHEAD, GRID_VARIANT, \
-    SHARED_CONTEXT, dense_grids
+from common.analysis.findings.sources import COMMANDS, DECODE, DECODE_SPARSITIES, DENSE_MODELS, EVAL_OVERHEAD, \
+    GRID_VARIANT, SHARED_CONTEXT, decode_summaries, dense_grids
 from common.evaluation.tasks import PERPLEXITY_TASKS
 
 
@@ -105,50 +105,65 @@ SHOWN_ALL_LINEAR = 0.5  # every decoder linear sparsified at this target is show
 
 def decode(results: Path) -> Section:
     title = "Decode speed against the ideal"
-    summary = load_json(results / DECODE / "summary.json")
-    if summary is None:
-        return Section(title, None, not_measured(COMMANDS["decode"]))
-    setup, rows = summary["setup"], summary["rows"]
-    shown = [r for r in rows if r.get("kind") == "critical"
-             or r["scope"] == "all_linear" and r.get("target_sparsity") == SHOWN_ALL_LINEAR] or rows
-    reference = [r for r in shown if (r["dtype"], r["threads"]) == REFERENCE_SETTING] or shown
-    parts = []
-    for row in reference:
-        what = (f"every decoder linear at {number(row['entry_sparsity'], 2)}" if row["scope"] == "all_linear" else
-                f"the {row['scope']} site at {'its PPL-1% critical sparsity ' if row.get('kind') == 'critical' else ''}"
-                f"{number(row['entry_sparsity'], 2)}")
-        parts.append(f"{what} makes a step {number(row['step_speedup_vs_torch'], 2)}x as fast (ideal "
-                     f"{number(row['step_ideal_speedup'], 2)}x) and its own layers {number(row['scope_speedup_vs_torch'], 2)}x "
-                     f"(ideal {number(row['scope_ideal_speedup'], 2)}x, {_share(row.get('scope_share_vs_torch'))} of the "
-                     f"ideal saving against torch, {_share(row.get('scope_share_vs_kernel0'))} against the kernel at "
-                     "sparsity 0)")
-    dtype, threads = reference[0]["dtype"], reference[0]["threads"]
-    claim = f"In {dtype} on {threads} thread(s), " + "; ".join(parts) + "."
-    lines = [f"Greedy decoding at batch 1: {setup['model']} on {setup.get('cpu') or setup['device']}, per-layer "
-             "thresholds calibrated to each target sparsity. The ideal is the weight bytes a step reads dense over "
-             "those it reads sparse; the share of the ideal saving is (dense - sparse) / (dense - ideal) time of the "
-             "scope's own layers in decode order, against torch's dense layers and against the same kernel at "
-             "sparsity 0 (what sparsity alone buys). Rows: each site at its PPL-1% critical sparsity, and every "
-             f"decoder linear at {SHOWN_ALL_LINEAR}; every other setting is in the data.", "",
-             "| scope | dtype, threads | sparsity | step ms: dense [IQR] | sparse [IQR] | step speed-up | ideal | "
-             "layers: speed-up | ideal | share of the ideal saving: vs torch / vs kernel at 0 | PPL ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in shown:
-        lines.append(f"| {row['scope']} | {row['dtype']}, {row['threads']} | {number(row['entry_sparsity'])} | "
-                     f"{_ms(row['step_torch'])} | {_ms(row['step_sparse'])} | "
-                     f"{number(row['step_speedup_vs_torch'], 2)}x | {number(row['step_ideal_speedup'], 2)}x | "
-                     f"{number(row['scope_speedup_vs_torch'], 2)}x | {number(row['scope_ideal_speedup'], 2)}x | "
-                     f"{_share(row.get('scope_share_vs_torch'))} / {_share(row.get('scope_share_vs_kernel0'))} | "
-                     f"{'-' if row.get('perplexity_ratio') is None else number(row['perplexity_ratio'], 2)} |")
-    busy = sum(r.get("busy_rounds", 0) for r in rows)
-    lines += ["", "Speed-ups: medians of the per-step time ratios (dense and sparse advanced one token each in turn)"
+    summaries = decode_summaries(results)
+    if not summaries:
+        return Section(title, None, not_measured(COMMANDS["decode"].format(model=DENSE_MODELS[0], sparsities=DECODE_SPARSITIES)))
+    claims, lines, panels = [], [], []
+    lines += ["Greedy decoding at batch 1, per-layer thresholds calibrated to each target sparsity. The ideal is the "
+              "weight bytes a step reads dense over those it reads sparse; the share of the ideal saving is (dense - "
+              "sparse) / (dense - ideal) time of the scope's own layers in decode order, against torch's dense layers "
+              "and against the same kernel at sparsity 0 (what sparsity alone buys). Rows: each site at its PPL-1% "
+              f"critical sparsity, and every decoder linear at {SHOWN_ALL_LINEAR}; every other setting is in the data.",
+              ""]
+    for model, summary in summaries.items():
+        setup, rows = summary["setup"], summary["rows"]
+        shown = [r for r in rows if r.get("kind") == "critical"
+                 or r["scope"] == "all_linear" and r.get("target_sparsity") == SHOWN_ALL_LINEAR] or rows
+        reference = [r for r in shown if (r["dtype"], r["threads"]) == REFERENCE_SETTING] or shown
+        cpu = setup.get("cpu") or setup["device"]
+        claims.append(f"on {model} ({cpu}, {reference[0]['dtype']}, {reference[0]['threads']} thread(s)), "
+                      + "; ".join(_decode_claim(row) for row in reference))
+        lines += [f"**{model}** on {cpu}:", "",
+                  "| scope | dtype, threads | sparsity | step ms: dense [IQR] | sparse [IQR] | step speed-up | ideal | "
+                  "layers: speed-up | ideal | share of the ideal saving: vs torch / vs kernel at 0 | PPL ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in shown:
+            lines.append(f"| {row['scope']} | {row['dtype']}, {row['threads']} | {number(row['entry_sparsity'])} | "
+                         f"{_ms(row['step_torch'])} | {_ms(row['step_sparse'])} | "
+                         f"{number(row['step_speedup_vs_torch'], 2)}x | {number(row['step_ideal_speedup'], 2)}x | "
+                         f"{number(row['scope_speedup_vs_torch'], 2)}x | {number(row['scope_ideal_speedup'], 2)}x | "
+                         f"{_share(row.get('scope_share_vs_torch'))} / {_share(row.get('scope_share_vs_kernel0'))} | "
+                         f"{'-' if row.get('perplexity_ratio') is None else number(row['perplexity_ratio'], 2)} |")
+        lines.append("")
+        panels.append({"model": model, "rows": rows})
+    busy = sum(r.get("busy_rounds", 0) for summary in summaries.values() for r in summary["rows"])
+    lines += ["Speed-ups: medians of the per-step time ratios (dense and sparse advanced one token each in turn)"
               + (f"; {busy} timed rounds ran on a busy machine" if busy else "; every timed round on an idle machine")
               + ". A share above 100% against torch means the kernel streams faster than torch's own layer (torch's "
               "bfloat16 linear is slow on some CPUs): read the share against the kernel at sparsity 0 for what "
               "sparsity buys. Where the gap goes: "
               "[docs/performance.md](../docs/performance.md#sparse-decoding-against-the-ideal)."]
-    lines += data_line([DECODE], COMMANDS["decode"])
-    return Section(title, claim, lines, {"decode.png": lambda path: draw.decode(rows, path)})
+    lines += data_line([DECODE.format(model=m) for m in summaries],
+                       "\n".join(COMMANDS["decode"].format(model=m, sparsities=_targets(s["rows"]))
+                                 for m, s in summaries.items()))
+    claim = "In decode, " + "; ".join(claims) + "."
+    return Section(title, claim, lines, {"decode.png": lambda path: draw.decode(panels, path)})
+
+
+def _targets(rows: list[dict]) -> str:
+    """The target sparsities a decode benchmark ran (its rows at critical sparsities aside)."""
+    return " ".join(f"{t:g}" for t in sorted({r["target_sparsity"] for r in rows if r.get("kind") != "critical"}))
+
+
+def _decode_claim(row: dict) -> str:
+    what = (f"every decoder linear at {number(row['entry_sparsity'], 2)}" if row["scope"] == "all_linear" else
+            f"the {row['scope']} site at {'its PPL-1% critical sparsity ' if row.get('kind') == 'critical' else ''}"
+            f"{number(row['entry_sparsity'], 2)}")
+    return (f"{what} makes a step {number(row['step_speedup_vs_torch'], 2)}x as fast (ideal "
+            f"{number(row['step_ideal_speedup'], 2)}x) and its own layers {number(row['scope_speedup_vs_torch'], 2)}x "
+            f"(ideal {number(row['scope_ideal_speedup'], 2)}x, {_share(row.get('scope_share_vs_torch'))} of the "
+            f"ideal saving against torch, {_share(row.get('scope_share_vs_kernel0'))} against the kernel at "
+            "sparsity 0)")
 
 
 def _share(value) -> str:

@@ -160,28 +160,34 @@ def sweep_cost(data: dict, path: Path) -> None:
             ax.set_title("shared-context speed-up; sparse / dense time (range)")
 
 
-def decode(rows: list[dict], path: Path) -> None:
-    """Per dtype and thread count: the whole step's speed-up over dense (bars: the interquartile ranges
-    of the two step times combined) and its ideal (dashed), against the sparsity measured while running."""
-    settings = list(dict.fromkeys((r["dtype"], r["threads"]) for r in rows))
-    columns = min(2, len(settings))
-    with figure(path, -(-len(settings) // columns), columns) as (fig, axes):
-        for ax, (dtype, threads) in zip(axes.flat, settings):
-            mine = [r for r in rows if (r["dtype"], r["threads"]) == (dtype, threads)]
-            for k, scope in enumerate(dict.fromkeys(r["scope"] for r in mine)):
-                points = sorted((r for r in mine if r["scope"] == scope), key=lambda r: r["entry_sparsity"])
-                x = np.array([r["entry_sparsity"] for r in points])
-                y = np.array([r["step_speedup_vs_torch"] for r in points])
-                low = np.array([r["step_torch"]["p25_ms"] / r["step_sparse"]["p75_ms"] for r in points])
-                high = np.array([r["step_torch"]["p75_ms"] / r["step_sparse"]["p25_ms"] for r in points])
-                ax.errorbar(x, y, yerr=[np.clip(y - low, 0, None), np.clip(high - y, 0, None)], color=COLORS[k],
-                            marker="o", markersize=3, capsize=2, label=scope)
-                ax.plot(x, [r["step_ideal_speedup"] for r in points], color=COLORS[k], linestyle="--", linewidth=1)
-            ax.axhline(1, color="black", linewidth=0.8)
-            ax.set_xlabel("sparsity while running")
-            ax.set_ylabel("step speed-up (dashed: ideal)")
-            ax.set_title(f"decode at batch 1, {dtype}, {threads} thread(s)")
-            ax.legend(loc="upper left")
+def decode(panels: list[dict], path: Path) -> None:
+    """One row per model, one panel per dtype and thread count: the whole step's speed-up over dense
+    (bars: the interquartile ranges of the two step times combined) and its ideal (dashed), against
+    the sparsity measured while running."""
+    settings = [list(dict.fromkeys((r["dtype"], r["threads"]) for r in panel["rows"])) for panel in panels]
+    with figure(path, len(panels), max(len(s) for s in settings), width=3.4) as (fig, axes):
+        for row_axes, panel, mine in zip(axes, panels, settings):
+            for ax, (dtype, threads) in zip(row_axes, mine):
+                _decode_panel(ax, [r for r in panel["rows"] if (r["dtype"], r["threads"]) == (dtype, threads)])
+                ax.set_title(f"{panel['model']}, {dtype}, {threads} thread(s)")
+            for ax in row_axes[len(mine):]:
+                ax.set_visible(False)
+
+
+def _decode_panel(ax, rows: list[dict]) -> None:
+    for k, scope in enumerate(dict.fromkeys(r["scope"] for r in rows)):
+        points = sorted((r for r in rows if r["scope"] == scope), key=lambda r: r["entry_sparsity"])
+        x = np.array([r["entry_sparsity"] for r in points])
+        y = np.array([r["step_speedup_vs_torch"] for r in points])
+        low = np.array([r["step_torch"]["p25_ms"] / r["step_sparse"]["p75_ms"] for r in points])
+        high = np.array([r["step_torch"]["p75_ms"] / r["step_sparse"]["p25_ms"] for r in points])
+        ax.errorbar(x, y, yerr=[np.clip(y - low, 0, None), np.clip(high - y, 0, None)], color=COLORS[k],
+                    marker="o", markersize=3, capsize=2, label=scope)
+        ax.plot(x, [r["step_ideal_speedup"] for r in points], color=COLORS[k], linestyle="--", linewidth=1)
+    ax.axhline(1, color="black", linewidth=0.8)
+    ax.set_xlabel("sparsity while running")
+    ax.set_ylabel("step speed-up (dashed: ideal)")
+    ax.legend(loc="upper left")
 
 
 def criteria(panels: list[dict], path: Path) -> None:

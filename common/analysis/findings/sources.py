@@ -17,7 +17,8 @@ MOE = "moe_experts/moefied-smollm2-135m/small-30"
 SHARED_CONTEXT = "shared_context/smollm2-135m/cpu"
 EVAL_OVERHEAD = "eval_overhead/smollm2-135m/cpu"
 CRITERIA_COST = "criteria_cost/{model}/cpu"
-DECODE = "sparse_decode/smollm2-135m/cpu"
+DECODE = "sparse_decode/{model}/cpu"
+DECODE_SPARSITIES = "0.3 0.5 0.7 0.9"  # the target sparsities a new decode benchmark runs
 
 
 def _two_shards(arguments: str, output: str) -> str:
@@ -51,9 +52,9 @@ COMMANDS = {
                       "--threads 1 --repeats 3 --compare-torch-path --output results/" + EVAL_OVERHEAD),
     "criteria_cost": ("python benchmarks/bench_eval_overhead.py --model {model} --limit 100 --dtype float32 --threads 1 "
                       "--repeats 3 --criteria " + CRITERIA + " --target 0.5 --output results/" + CRITERIA_COST),
-    "decode": ("python benchmarks/bench_sparse_decode.py --model smollm2-135m --dtypes float32 bfloat16 --threads 1 2 "
-               "--sparsities 0.3 0.5 0.7 --rounds 10 "
-               "--quality --summary results/dense_sweep/smollm2-135m/" + GRID_VARIANT + "/critical.json --output results/"
+    "decode": ("python benchmarks/bench_sparse_decode.py --model {model} --dtypes float32 bfloat16 --threads 1 2 "
+               "--sparsities {sparsities} --rounds 10 "
+               "--quality --summary results/dense_sweep/{model}/" + GRID_VARIANT + "/critical.json --output results/"
                + DECODE),
 }
 
@@ -65,6 +66,13 @@ def dense_grids(results: Path) -> dict[str, Path]:
     order = [m for m in DENSE_MODELS if m in found] + [m for m in found if m not in DENSE_MODELS]
     return {model: found[model] for model in order
             if (found[model] / "critical.json").is_file() and (found[model] / "tidy.csv").is_file()}
+
+
+def decode_summaries(results: Path) -> dict[str, dict]:
+    """model -> its decode benchmark's summary.json (``DECODE``), the expected models first."""
+    found = {path.parent.parent.name: json.loads(path.read_text())
+             for path in sorted((results / "sparse_decode").glob("*/cpu/summary.json"))}
+    return {model: found[model] for model in [m for m in DENSE_MODELS if m in found] + sorted(set(found) - set(DENSE_MODELS))}
 
 
 def criteria_comparisons(results: Path) -> dict[str, dict]:
