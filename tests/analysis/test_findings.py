@@ -143,7 +143,8 @@ def test_every_finding_without_data_names_its_command(tmp_path):
     assert page.text.count("Not measured yet: run") == 6  # the cost section names each of its three parts
     for command in ("python experiments/dense_sweep.py --model smollm2-135m", "--model gemma3-270m",
                     findings.COMMANDS["llada"], findings.COMMANDS["moe"],
-                    findings.COMMANDS["decode"].format(model="smollm2-135m", sparsities="0.3 0.5 0.7 0.9"),
+                    findings.COMMANDS["decode"].format(model="smollm2-135m", sparsities="0.3 0.5 0.7 0.9",
+                                                     threads="1 2"),
                     findings.COMMANDS["shared_context"], findings.COMMANDS["eval_overhead"]):
         assert command in page.text, command
 
@@ -191,7 +192,7 @@ def test_the_findings_read_the_committed_files(tmp_path):
             "40% / - | - |") in text
     assert "| intermediate | float32, 1 | 0.660 |" in text and "| 0.97x | 1.20x | 1.07x | 1.50x | - / - | - |" in text
     assert "| input | float32, 1 | 0.300 |" not in text  # a range row is in the data, not on the page
-    assert "--model smollm2-135m --dtypes float32 bfloat16 --threads 1 2 --sparsities 0.3 --rounds" in text  # as run
+    assert "--model smollm2-135m --dtypes float32 bfloat16 --threads 1 --sparsities 0.3 --rounds" in text  # as run
     assert set(page.figures) == {"dense_sites.png", "accuracy.png", "criteria.png", "llada_steps.png",
                                  "moe_experts.png", "sweep_cost.png", "decode.png"}
     for name in page.figures:

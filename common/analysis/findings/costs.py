@@ -13,7 +13,7 @@ from common.analysis.findings import figures as draw
 from common.analysis.findings.dense import items_label
 from common.analysis.findings.page import Section, data_line, interval, load_json, median_ratio, not_measured, \
     number
-from common.analysis.findings.sources import COMMANDS, DECODE, DECODE_SPARSITIES, DENSE_MODELS, EVAL_OVERHEAD, \
+from common.analysis.findings.sources import COMMANDS, DECODE, DECODE_SETTINGS, DENSE_MODELS, EVAL_OVERHEAD, \
     GRID_VARIANT, SHARED_CONTEXT, decode_summaries, dense_grids
 from common.evaluation.tasks import PERPLEXITY_TASKS
 
@@ -107,7 +107,7 @@ def decode(results: Path) -> Section:
     title = "Decode speed against the ideal"
     summaries = decode_summaries(results)
     if not summaries:
-        return Section(title, None, not_measured(COMMANDS["decode"].format(model=DENSE_MODELS[0], sparsities=DECODE_SPARSITIES)))
+        return Section(title, None, not_measured(COMMANDS["decode"].format(model=DENSE_MODELS[0], **DECODE_SETTINGS)))
     claims, lines, panels = [], [], []
     lines += ["Greedy decoding at batch 1, per-layer thresholds calibrated to each target sparsity. The ideal is the "
               "weight bytes a step reads dense over those it reads sparse; the share of the ideal saving is (dense - "
@@ -144,15 +144,18 @@ def decode(results: Path) -> Section:
               "sparsity buys. Where the gap goes: "
               "[docs/performance.md](../docs/performance.md#sparse-decoding-against-the-ideal)."]
     lines += data_line([DECODE.format(model=m) for m in summaries],
-                       "\n".join(COMMANDS["decode"].format(model=m, sparsities=_targets(s["rows"]))
+                       "\n".join(COMMANDS["decode"].format(model=m, **_settings(s["rows"]))
                                  for m, s in summaries.items()))
     claim = "In decode, " + "; ".join(claims) + "."
     return Section(title, claim, lines, {"decode.png": lambda path: draw.decode(panels, path)})
 
 
-def _targets(rows: list[dict]) -> str:
-    """The target sparsities a decode benchmark ran (its rows at critical sparsities aside)."""
-    return " ".join(f"{t:g}" for t in sorted({r["target_sparsity"] for r in rows if r.get("kind") != "critical"}))
+def _settings(rows: list[dict]) -> dict[str, str]:
+    """The target sparsities (its rows at critical sparsities aside) and thread counts a decode
+    benchmark ran, as its command spells them."""
+    return {"sparsities": " ".join(f"{t:g}" for t in sorted({r["target_sparsity"] for r in rows
+                                                             if r.get("kind") != "critical"})),
+            "threads": " ".join(str(t) for t in sorted({r["threads"] for r in rows}))}
 
 
 def _decode_claim(row: dict) -> str:

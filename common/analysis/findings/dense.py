@@ -142,7 +142,8 @@ def _models_lines(results: Path, grids: dict[str, Path]) -> list[str]:
         comparison = load_json(results / name)
         if comparison is None:
             lines += [f"{a} against {b} at the same sparsity: not measured yet: run "
-                      f"`{COMMANDS['models'].format(a=a, b=b)}`", ""]
+                      f"`{COMMANDS['models'].format(a=a, b=b)}` (it pairs the items, so it reads the per-item cells, "
+                      "which stay out of git: run both grid commands on one machine first)", ""]
             continue
         kl = [r for r in comparison["curves"] if r["measure"] == "choice_kl"]
         decided = {model: sum(r["decided"] and r["better"] == model for r in kl) for model in comparison["models"]}

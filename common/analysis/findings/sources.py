@@ -18,7 +18,7 @@ SHARED_CONTEXT = "shared_context/smollm2-135m/cpu"
 EVAL_OVERHEAD = "eval_overhead/smollm2-135m/cpu"
 CRITERIA_COST = "criteria_cost/{model}/cpu"
 DECODE = "sparse_decode/{model}/cpu"
-DECODE_SPARSITIES = "0.3 0.5 0.7 0.9"  # the target sparsities a new decode benchmark runs
+DECODE_SETTINGS = {"sparsities": "0.3 0.5 0.7 0.9", "threads": "1 2"}  # what a new decode benchmark runs
 
 
 def _two_shards(arguments: str, output: str) -> str:
@@ -52,7 +52,7 @@ COMMANDS = {
                       "--threads 1 --repeats 3 --compare-torch-path --output results/" + EVAL_OVERHEAD),
     "criteria_cost": ("python benchmarks/bench_eval_overhead.py --model {model} --limit 100 --dtype float32 --threads 1 "
                       "--repeats 3 --criteria " + CRITERIA + " --target 0.5 --output results/" + CRITERIA_COST),
-    "decode": ("python benchmarks/bench_sparse_decode.py --model {model} --dtypes float32 bfloat16 --threads 1 2 "
+    "decode": ("python benchmarks/bench_sparse_decode.py --model {model} --dtypes float32 bfloat16 --threads {threads} "
                "--sparsities {sparsities} --rounds 10 "
                "--quality --summary results/dense_sweep/{model}/" + GRID_VARIANT + "/critical.json --output results/"
                + DECODE),
@@ -72,7 +72,8 @@ def decode_summaries(results: Path) -> dict[str, dict]:
     """model -> its decode benchmark's summary.json (``DECODE``), the expected models first."""
     found = {path.parent.parent.name: json.loads(path.read_text())
              for path in sorted((results / "sparse_decode").glob("*/cpu/summary.json"))}
-    return {model: found[model] for model in [m for m in DENSE_MODELS if m in found] + sorted(set(found) - set(DENSE_MODELS))}
+    order = [m for m in DENSE_MODELS if m in found] + sorted(set(found) - set(DENSE_MODELS))
+    return {model: found[model] for model in order}
 
 
 def criteria_comparisons(results: Path) -> dict[str, dict]:
