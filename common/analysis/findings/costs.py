@@ -173,7 +173,5 @@ def _share(value) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
-
-
 def _ms(part: dict) -> str:
     return f"{number(part['median_ms'], 1)} {interval([part['p25_ms'], part['p75_ms']], 1)}"

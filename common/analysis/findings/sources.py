@@ -59,21 +59,26 @@ COMMANDS = {
 }
 
 
+def expected_first(found: dict) -> dict:
+    """``found`` (model -> anything) with the models the page expects first, then the others in
+    their order."""
+    return {model: found[model] for model in [m for m in DENSE_MODELS if m in found]
+            + [m for m in found if m not in DENSE_MODELS]}
+
+
 def dense_grids(results: Path) -> dict[str, Path]:
     """model -> its every-item grid folder, for the folders with a critical.json and a tidy.csv
     (the expected models first, then any other model's grid)."""
     found = {folder.parent.name: folder for folder in sorted((results / "dense_sweep").glob(f"*/{GRID_VARIANT}"))}
-    order = [m for m in DENSE_MODELS if m in found] + [m for m in found if m not in DENSE_MODELS]
-    return {model: found[model] for model in order
-            if (found[model] / "critical.json").is_file() and (found[model] / "tidy.csv").is_file()}
+    return {model: folder for model, folder in expected_first(found).items()
+            if (folder / "critical.json").is_file() and (folder / "tidy.csv").is_file()}
 
 
 def decode_summaries(results: Path) -> dict[str, dict]:
     """model -> its decode benchmark's summary.json (``DECODE``), the expected models first."""
-    found = {path.parent.parent.name: json.loads(path.read_text())
-             for path in sorted((results / "sparse_decode").glob("*/cpu/summary.json"))}
-    order = [m for m in DENSE_MODELS if m in found] + sorted(set(found) - set(DENSE_MODELS))
-    return {model: found[model] for model in order}
+    found = {path.relative_to(results).parts[1]: json.loads(path.read_text())
+             for path in sorted(results.glob(DECODE.format(model="*") + "/summary.json"))}
+    return expected_first(found)
 
 
 def criteria_comparisons(results: Path) -> dict[str, dict]:
@@ -91,5 +96,4 @@ def criteria_comparisons(results: Path) -> dict[str, dict]:
             for key in ("comparisons", "critical"):
                 merged.setdefault(key, []).extend(part[key])
             merged.setdefault("folders", []).append(str(path.parent.relative_to(results)))
-    order = [m for m in DENSE_MODELS if m in found] + [m for m in found if m not in DENSE_MODELS]
-    return {model: found[model] for model in order}
+    return expected_first(found)
