@@ -15,12 +15,13 @@ head dense).
 Two measurements per setting:
 
 * **decode order**: one decode token's matrices in the model's order, every layer in turn (q/k/v,
-  o, the MLP, then the LM head), on inputs captured from a dense greedy decode (cycling over
+  o, gate/up, down, then the LM head), on inputs captured from a dense greedy decode (cycling over
   ``--stream-tokens`` tokens), so the caches see what a decode step reads; one matrix cycled alone
   is never timed. Each round runs the three variants in rotated order; medians with their
-  interquartile spread. The scope's part is timed apart from the rest of the stream: the whole
-  MLP (its three matrices, activation and product) for the FFN scopes, every decoder matrix for
-  ``all_linear``; its byte ideal counts the same matrices.
+  interquartile spread. The scope's part is timed apart from the rest of the stream: the matrices
+  it sparsifies, [W_g; W_u] at ``input``, W_d at ``intermediate``, every decoder matrix at
+  ``all_linear``, and the whole MLP at ``gate`` (the dense gate and the bundle, against gate/up and
+  down); its byte ideal counts the same matrices.
 * **whole step**: three greedy decodes (dense, kernel at 0, sparse) of the transformers model,
   advanced one token each in turn; per-step times and ratios.
 
@@ -65,9 +66,13 @@ from device_timing import device_seconds, synchronize
 SCOPES = ("input", "intermediate", "gate", "all_linear")
 DEFAULT_SPARSITIES = [0.3, 0.4, 0.5, 0.7, 0.9]
 VARIANTS = ("torch", "kernel0", "sparse")
-STREAM_GROUPS = ("attention", "attention_output", "mlp", "head")  # decode-order categories
-SCOPE_CATEGORIES = {"input": ("mlp",), "intermediate": ("mlp",), "gate": ("mlp",),
-                    "all_linear": ("attention", "attention_output", "mlp")}
+# decode-order categories: each linear input group of a layer (q/k/v, o, gate/up, down), the bundled
+# MLP of the gate scope, and the LM head
+GROUP_CATEGORIES = {"attention": "attention", "attention_output": "attention_output", "input": "gate_up",
+                    "intermediate": "down"}
+STREAM_GROUPS = ("attention", "attention_output", "gate_up", "down", "bundle", "head")
+SCOPE_CATEGORIES = {"input": ("gate_up",), "intermediate": ("down",), "gate": ("gate_up", "down", "bundle"),
+                    "all_linear": ("attention", "attention_output", "gate_up", "down")}
 QUALITY_TOKENS = 256  # tokens per fable (at most) for the perplexity ratio
 PROMPT = ("A fox, just at the time of the grapes harvest, was walking by a vineyard when he saw a bunch of "
           "ripe grapes hanging from a high branch. He said to himself:")
@@ -261,8 +266,8 @@ class GreedyStream:
 
 @torch.no_grad()
 def decode_inputs(model, prompt_ids: torch.Tensor, tokens: int) -> dict:
-    """Per decode token, the inputs of each layer's attention (q/k/v), attention output (o) and MLP,
-    and of the LM head, from a dense greedy decode after the prompt: {key: [token rows [1, D]]}."""
+    """Per decode token, the inputs of each layer's attention (q/k/v), attention output (o), MLP
+    (gate/up) and down projection, and of the LM head, from a dense greedy decode after the prompt: {key: [token rows [1, D]]}."""
     from common.execution.thresholds import LinearInputCapture
 
     stream = GreedyStream(model, prompt_ids)
@@ -270,7 +275,7 @@ def decode_inputs(model, prompt_ids: torch.Tensor, tokens: int) -> dict:
     handle = model.get_output_embeddings().register_forward_pre_hook(
         lambda module, args: head_inputs.append(args[0].detach().reshape(-1, args[0].shape[-1])[-1:]))
     try:
-        with LinearInputCapture(model, ["attention", "attention_output", "input"]) as capture:
+        with LinearInputCapture(model, list(GROUP_CATEGORIES)) as capture:
             for _ in range(tokens):
                 stream.step()
     finally:
@@ -295,47 +300,62 @@ def _torch_linears(linears):
     return lambda x: [linear(x) for linear in linears]
 
 
+def _mlp(model, layer: int):
+    """Layer ``layer``'s MLP module (the module whose input is the FFN input)."""
+    from common.core.sites import site_module_names
+
+    names = {site_layer: name for (site_layer, _), (name, _) in site_module_names(model, "input").items()}
+    return model.get_submodule(names[layer])
+
+
 def build_stream(model, scope: str, thresholds, kernel) -> tuple[list[Part], list]:
-    """The decode-order stream of ``scope``: its matrices as sparse products at ``thresholds``
-    (None: the model's own layers), every other matrix through the model's own layers; and the
-    sparse products (whose counts give the bytes read)."""
-    from common.core.sites import layer_list_path, linear_module_names, site_module_names
-    from common.execution import SparseGLU, SparseProduct
+    """The decode-order stream of ``scope``: per layer q/k/v, o, gate/up and down, then the LM head;
+    the scope's matrices as sparse products at ``thresholds`` (None: the model's own layers), every
+    other matrix through the model's own layers; and the sparse products (whose counts give the
+    bytes read). At ``gate`` the sparse variants run the bundled MLP (dense gate, kept neurons' up
+    rows and down columns) as one part in place of gate/up and down."""
+    from common.core.sites import layer_list_path, linear_module_names
+    from common.execution import GateBundle, SparseProduct
 
     count = len(model.get_submodule(layer_list_path(model)))
-    attention = {group: linear_module_names(model, group) for group in ("attention", "attention_output")}
-    mlps = {layer: name for (layer, _), (name, _) in site_module_names(model, "input").items()}
-    sites = ("input", "intermediate") if scope == "all_linear" else (scope,)
+    linears = {group: linear_module_names(model, group) for group in GROUP_CATEGORIES}
+    sparsified = {"input": ("input",), "intermediate": ("intermediate",), "gate": (),
+                  "all_linear": tuple(GROUP_CATEGORIES)}[scope] if thresholds is not None else ()
     parts, products = [], []
     for layer in range(count):
-        for group in ("attention", "attention_output"):
-            linears = [model.get_submodule(name) for name in attention[group][layer]]
-            run = _torch_linears(linears)
-            if thresholds is not None and scope == "all_linear":
-                run = SparseProduct(linears, thresholds.values[group][layer], kernel)
+        if thresholds is not None and scope == "gate":
+            mlp = _mlp(model, layer)
+            bundle = GateBundle(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn,
+                                thresholds.values["gate"][layer], kernel)
+            groups = ("attention", "attention_output")
+        else:
+            bundle, groups = None, tuple(GROUP_CATEGORIES)
+        for group in groups:
+            modules = [model.get_submodule(name) for name in linears[group][layer]]
+            run = _torch_linears(modules)
+            if group in sparsified:
+                run = SparseProduct(modules, thresholds.values[group][layer], kernel)
                 products.append(run)
-            parts.append(Part(group, run, (layer, group)))
-        run = model.get_submodule(mlps[layer])
-        if thresholds is not None:
-            run = SparseGLU(run, {site: thresholds.values[site][layer] for site in sites}, kernel)
-            products.extend(run.products.values())
-        parts.append(Part("mlp", run, (layer, "input")))
+            parts.append(Part(GROUP_CATEGORIES[group], run, (layer, group)))
+        if bundle is not None:
+            products.append(bundle)
+            parts.append(Part("bundle", bundle, (layer, "input")))
     parts.append(Part("head", model.get_output_embeddings(), ("head",)))
     return parts, products
 
 
 def category_bytes(model) -> dict[str, int]:
-    """Weight bytes one decode token reads per stream category (matrices only)."""
-    from common.core.sites import linear_module_names, site_module_names
+    """Weight bytes one decode token reads per stream category (matrices only; the bundle's are
+    counted under gate/up and down, the matrices it replaces)."""
+    from common.core.sites import linear_module_names
 
     def size(module):
         return sum(p.numel() * p.element_size() for p in module.parameters() if p.dim() >= 2)
 
-    out = {}
-    for group in ("attention", "attention_output"):
-        out[group] = sum(size(model.get_submodule(name)) for names in linear_module_names(model, group).values()
+    out = {category: sum(size(model.get_submodule(name)) for names in linear_module_names(model, group).values()
                          for name in names)
-    out["mlp"] = sum(size(model.get_submodule(name)) for name, _ in site_module_names(model, "input").values())
+           for group, category in GROUP_CATEGORIES.items()}
+    out["bundle"] = 0
     out["head"] = size(model.get_output_embeddings())
     return out
 

@@ -16,14 +16,21 @@ import shutil
 import sys
 import time
 import warnings
+from functools import lru_cache
 from pathlib import Path
 
 OPENMP = ("-fopenmp",)  # at::parallel_for runs on torch's threads only when compiled with OpenMP
 
 
+@lru_cache(maxsize=None)
+def _on(value: str) -> bool:
+    return value.strip().lower() not in {"0", "off", "false", "no"}
+
+
 def switched_on(switch: str) -> bool:
-    """False when the environment variable ``switch`` is 0 / off / false / no."""
-    return os.environ.get(switch, "1").strip().lower() not in {"0", "off", "false", "no"}
+    """False when the environment variable ``switch`` is 0 / off / false / no. Read on every call
+    (a switch may change at run time) at the cost of one lookup: a decode step asks once per product."""
+    return _on(os.environ.get(switch, "1"))
 
 
 def first_line(error: Exception) -> str:

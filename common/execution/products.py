@@ -123,21 +123,22 @@ class SparseProduct(_Counts):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.reshape(-1, self.in_features)
-        count = tokens.shape[0]
+        count = x.numel() // self.in_features
         module = sparse_gemv.kernel() if self.gather is None and count <= self.gather_tokens \
-            and sparse_gemv.applies(tokens, self.rows) else None
-        if module is not None:
-            mask = None if self.mask_fn is None else self.mask_fn(tokens).contiguous()
-            out, kept, nonfinite = module.sparse_gemv(tokens, self.rows, self.threshold or 0.0, mask, self.bias)
+            and sparse_gemv.applies(x, self.rows) else None
+        if module is not None:  # the decode path: the kernel takes x's shape as it is (a few microseconds)
+            mask = None if self.mask_fn is None else self.mask_fn(x.reshape(-1, self.in_features)).contiguous()
+            out, kept, nonfinite = module.sparse_gemv(x, self.rows, self.threshold or 0.0, mask, self.bias)
             if nonfinite:
-                index = torch.tensor(nonfinite, device=tokens.device)
-                out[index] = self.dense(tokens[index])
+                index = torch.tensor(nonfinite, device=x.device)
+                rows = out.view(-1, out.shape[-1])
+                rows[index] = self.dense(x.reshape(-1, self.in_features)[index])
             nonfinite = len(nonfinite)
         else:
-            out, kept, nonfinite = self._torch_product(tokens)
+            out, kept, nonfinite = self._torch_product(x.reshape(-1, self.in_features))
+            out = out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
         self._count(kept, count - nonfinite, self.in_features, nonfinite)
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     def _torch_product(self, tokens: torch.Tensor):
         finite = torch.isfinite(tokens).all(dim=-1)

@@ -283,20 +283,56 @@ struct Kept {
 };
 
 // Keep |x| >= threshold (a NaN compares false with "<", so it is kept; its row is reported
-// non-finite anyway), or the entries of mask when it is given. Branch-free.
+// non-finite anyway), or the entries of mask when it is given. Branch-free; with AVX-512, 16 entries
+// per step: one compare, and the kept indices and values packed by a register compress (the
+// memory-destination compress is microcoded on some CPUs).
+inline float load_float(const float* p) { return *p; }
+inline float load_float(const bf16* p) { return static_cast<float>(*p); }
+
+#if defined(SPARSE_GEMV_AVX512)
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+#endif
+
 template <typename T>
 void select(const T* x, const bool* mask, int64_t n, float threshold, Kept& kept) {
-  if (int64_t(kept.index.size()) < n) {
-    kept.index.resize(n);
-    kept.value.resize(n);
+  if (int64_t(kept.index.size()) < n + 16) {  // room for a full vector store past the last kept entry
+    kept.index.resize(n + 16);
+    kept.value.resize(n + 16);
   }
   int32_t* index = kept.index.data();
   float* value = kept.value.data();
   const float largest = std::numeric_limits<float>::max();
-  int64_t k = 0;
+  int64_t k = 0, j = 0;
   bool finite = true;
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = to_float(x[j]);
+#if defined(SPARSE_GEMV_AVX512)
+  const __m512 limit = _mm512_set1_ps(largest), bound = _mm512_set1_ps(threshold);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __mmask16 all_finite = 0xFFFF;
+  for (; j < n; j += 16) {
+    const __mmask16 in = j + 16 <= n ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 v = load16(x + j, in);
+    const __m512 a = _mm512_abs_ps(v);
+    all_finite &= _mm512_mask_cmp_ps_mask(in, a, limit, _CMP_LE_OQ) | static_cast<__mmask16>(~in);
+    __mmask16 keep;
+    if (mask != nullptr) {
+      keep = _mm512_mask_test_epi32_mask(in, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(in, mask + j)),
+                                         _mm512_set1_epi32(0xFF));
+    } else {
+      keep = _mm512_mask_cmp_ps_mask(in, a, bound, _CMP_NLT_UQ);  // !(a < threshold): NaN kept
+    }
+    const __m512i at = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(j)));
+    _mm512_storeu_si512(index + k, _mm512_maskz_compress_epi32(keep, at));
+    _mm512_storeu_ps(value + k, _mm512_maskz_compress_ps(keep, v));
+    k += __builtin_popcount(static_cast<unsigned>(keep));
+  }
+  finite = all_finite == 0xFFFF;
+#endif
+  for (; j < n; ++j) {
+    const float v = load_float(x + j);
     const float a = std::fabs(v);
     finite &= a <= largest;  // false for an infinity and for NaN
     index[k] = static_cast<int32_t>(j);
@@ -344,15 +380,24 @@ template <typename T>
 std::tuple<torch::Tensor, int64_t, std::vector<int64_t>> gemv(const torch::Tensor& x, const torch::Tensor& rows,
                                                               double threshold, const torch::Tensor* mask,
                                                               const torch::Tensor* bias) {
-  const int64_t tokens = x.size(0), inputs = x.size(1), columns = rows.size(1);
+  const int64_t inputs = x.size(-1), tokens = inputs > 0 ? x.numel() / inputs : 0, columns = rows.size(1);
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   const T* wp = reinterpret_cast<const T*>(rows.data_ptr());
   const bool* mp = mask != nullptr ? mask->data_ptr<bool>() : nullptr;
   const T* bp = bias != nullptr ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
-  auto out = torch::empty({tokens, columns}, x.options());
+  std::vector<int64_t> shape = x.sizes().vec();  // x's leading shape, the outputs as the last axis
+  shape.back() = columns;
+  auto out = torch::empty(shape, x.options());
   T* op = reinterpret_cast<T*>(out.data_ptr());
 
-  std::vector<Kept> kept(tokens);
+  // buffers of the calling thread, reused by its later calls (no allocation per decode token); the
+  // worker threads reach them through these references (a thread_local named inside the parallel
+  // region would be the worker's own)
+  static thread_local std::vector<Kept> kept_buffer;
+  static thread_local std::vector<float> acc_buffer;
+  if (int64_t(kept_buffer.size()) < tokens) kept_buffer.resize(tokens);
+  std::vector<Kept>& kept = kept_buffer;
+  std::vector<float>& acc = acc_buffer;
   std::vector<int64_t> nonfinite;
   int64_t kept_total = 0;
   for (int64_t t = 0; t < tokens; ++t) {
@@ -367,7 +412,7 @@ std::tuple<torch::Tensor, int64_t, std::vector<int64_t>> gemv(const torch::Tenso
   }
 
   const int64_t padded = round_up(columns, kChunk);
-  std::vector<float> acc(static_cast<size_t>(tokens * padded), 0.0f);
+  acc.assign(static_cast<size_t>(tokens * padded), 0.0f);
   const std::vector<int64_t> bounds = column_blocks(columns);
   const int64_t blocks = int64_t(bounds.size()) - 1;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -416,8 +461,10 @@ std::tuple<torch::Tensor, int64_t, std::vector<int64_t>> bundled(const torch::Te
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   std::vector<int64_t> nonfinite;
   int64_t kept_total = 0;
-  Kept k;
-  std::vector<float> partial;
+  static thread_local Kept kept_buffer;  // the calling thread's, reused; referenced as in gemv
+  static thread_local std::vector<float> partial_buffer;
+  Kept& k = kept_buffer;
+  std::vector<float>& partial = partial_buffer;
   for (int64_t t = 0; t < tokens; ++t) {
     const T* xt = xp + t * hidden;
     select(gp + t * neurons, mp != nullptr ? mp + t * neurons : nullptr, neurons, static_cast<float>(threshold), k);
@@ -471,11 +518,11 @@ std::tuple<torch::Tensor, int64_t, std::vector<int64_t>> bundled(const torch::Te
 
 void check_operands(const torch::Tensor& x, const torch::Tensor& weights, int64_t inputs, const char* what) {
   TORCH_CHECK(x.device().is_cpu() && weights.device().is_cpu(), what, ": CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && weights.dim() == 2, what, ": x must be [tokens, in] and the weights 2-D");
+  TORCH_CHECK(x.dim() >= 1 && weights.dim() == 2, what, ": x must be [..., in] and the weights 2-D");
   TORCH_CHECK(x.scalar_type() == weights.scalar_type(), what, ": x and the weights must share a dtype");
   TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, what,
               ": float32 or bfloat16 only");
-  TORCH_CHECK(x.size(1) == inputs, what, ": x has ", x.size(1), " features, the weights expect ", inputs);
+  TORCH_CHECK(x.size(-1) == inputs, what, ": x has ", x.size(-1), " features, the weights expect ", inputs);
   TORCH_CHECK(weights.is_contiguous(), what, ": the weights must be contiguous");
 }
 
@@ -487,21 +534,22 @@ void check_vector(const std::optional<torch::Tensor>& v, const torch::Tensor& x,
 
 void check_mask(const std::optional<torch::Tensor>& mask, const torch::Tensor& of, const char* what) {
   if (!mask.has_value()) return;
-  TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->sizes() == of.sizes() && mask->is_contiguous(), what,
-              ": the mask must be a contiguous bool tensor shaped like its activations");
+  TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->is_contiguous() && mask->dim() >= 1 &&
+              mask->numel() == of.numel() && mask->size(-1) == of.size(-1), what,
+              ": the mask must be a contiguous bool tensor with its activations' rows");
 }
 
 }  // namespace
 
-// x [T, I], rows [I, O] (input-major), keep |x| >= threshold (or mask [T, I] when given), bias [O]
-// -> (out [T, O], kept entries over finite tokens, tokens holding a NaN or an infinity: their
-// output rows are left for the caller to compute densely).
+// x [..., I] (any leading shape: T token rows), rows [I, O] (input-major), keep |x| >= threshold (or
+// mask [T, I] when given), bias [O] -> (out [..., O], kept entries over finite tokens, the token rows
+// holding a NaN or an infinity: their output rows are left for the caller to compute densely).
 std::tuple<torch::Tensor, int64_t, std::vector<int64_t>> sparse_gemv(torch::Tensor x, torch::Tensor rows,
                                                                      double threshold,
                                                                      std::optional<torch::Tensor> mask,
                                                                      std::optional<torch::Tensor> bias) {
   check_operands(x, rows, rows.size(0), "sparse_gemv");
-  x = x.contiguous();
+  x = x.contiguous();  // x itself when it is (a decode step's [1, 1, I] is one token row)
   check_mask(mask, x, "sparse_gemv");
   check_vector(bias, x, rows.size(1), "sparse_gemv bias");
   const torch::Tensor* m = mask.has_value() ? &*mask : nullptr;
@@ -519,6 +567,7 @@ std::tuple<torch::Tensor, int64_t, std::vector<int64_t>> bundled_glu(torch::Tens
                                                                      std::optional<torch::Tensor> up_bias,
                                                                      std::optional<torch::Tensor> down_bias) {
   check_operands(x, bundle, bundle.size(1) / 2, "bundled_glu");
+  TORCH_CHECK(x.dim() == 2, "bundled_glu: x must be [tokens, H]");
   TORCH_CHECK(bundle.size(1) % 2 == 0, "bundled_glu: the bundle must be [I, 2H]");
   TORCH_CHECK(gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == bundle.size(0) &&
               gate.scalar_type() == x.scalar_type(), "bundled_glu: gate must be [tokens, I] in x's dtype");
@@ -545,7 +594,8 @@ std::string instruction_set() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_gemv", &sparse_gemv, "x [T, I], rows [I, O], threshold, mask, bias -> (out, kept, nonfinite tokens)",
+  m.def("sparse_gemv", &sparse_gemv,
+        "x [..., I], rows [I, O], threshold, mask [T, I], bias -> (out [..., O], kept, nonfinite token rows)",
         pybind11::arg("x"), pybind11::arg("rows"), pybind11::arg("threshold"), pybind11::arg("mask") = pybind11::none(),
         pybind11::arg("bias") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("bundled_glu", &bundled_glu,

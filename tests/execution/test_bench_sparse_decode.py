@@ -44,7 +44,8 @@ def test_benchmark_on_tiny_model(tmp_path):
     for row in rows:
         assert row["dtype"] == "float32" and row["threads"] == 1
         assert 0.0 < row["entry_sparsity"] < 1.0 and 0.0 < row["scope_bytes_skipped"] < 1.0
-        scope_bytes = layers * (mlp if row["scope"] != "all_linear" else mlp + attention + o)
+        scope_bytes = layers * {"input": mlp * 2 // 3, "intermediate": mlp // 3, "gate": mlp,
+                                "all_linear": mlp + attention + o}[row["scope"]]
         assert row["scope_bytes"] == scope_bytes
         assert row["stream_bytes"] == layers * (mlp + attention + o) + 4 * vocab * hidden
         skipped = row["scope_bytes_skipped"] * scope_bytes

@@ -84,6 +84,23 @@ def test_sparse_gemv_equals_masked_dense(kernel, dtype, shape, tokens, threads):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_gemv_keeps_the_leading_shape_of_x(kernel, dtype):
+    """A decode step's [batch, 1, I] goes in as it is: out [batch, 1, O], the same values as the
+    token rows [batch, I]; a mask given as token rows [T, I] applies to it."""
+    x = torch.randn(2, 1, 37).to(dtype)
+    rows = torch.randn(37, 45).to(dtype)
+    out, kept, _ = kernel.sparse_gemv(x, rows, 0.5, None, None)
+    flat, flat_kept, _ = kernel.sparse_gemv(x.reshape(2, 37), rows, 0.5, None, None)
+    assert out.shape == (2, 1, 45) and kept == flat_kept == int((x.float().abs() >= 0.5).sum())
+    assert torch.equal(out.reshape(2, 45), flat)
+    mask = torch.rand(2, 37) < 0.5
+    masked, _, _ = kernel.sparse_gemv(x, rows, 0.0, mask, None)
+    assert torch.equal(masked.reshape(2, 45), kernel.sparse_gemv(x.reshape(2, 37), rows, 0.0, mask, None)[0])
+    with pytest.raises(RuntimeError, match="rows"):
+        kernel.sparse_gemv(x, rows, 0.0, torch.ones(2, 36, dtype=torch.bool), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_and_two_threads_give_identical_bits(kernel, dtype):
     """Threads split the output columns: every column's sum keeps its order."""
     x = torch.randn(2, 1536).to(dtype)
