@@ -111,7 +111,8 @@ def decode(results: Path) -> Section:
     claims, lines, panels = [], [], []
     lines += ["Greedy decoding at batch 1, per-layer thresholds calibrated to each target sparsity. The ideal is the "
               "weight bytes a step reads dense over those it reads sparse; the share of the ideal saving is (dense - "
-              "sparse) / (dense - ideal) time of the scope's own layers in decode order, against torch's dense layers "
+              "sparse) / (dense - ideal) time of the scope's own layers in decode order ([W_g; W_u] at input, W_d at "
+              "intermediate, the whole MLP at gate, every decoder linear at all_linear), against torch's dense layers "
               "and against the same kernel at sparsity 0 (what sparsity alone buys). Rows: each site at its PPL-1% "
               f"critical sparsity, and every decoder linear at {SHOWN_ALL_LINEAR}; every other setting is in the data.",
               ""]
