@@ -267,7 +267,8 @@ class GreedyStream:
 @torch.no_grad()
 def decode_inputs(model, prompt_ids: torch.Tensor, tokens: int) -> dict:
     """Per decode token, the inputs of each layer's attention (q/k/v), attention output (o), MLP
-    (gate/up) and down projection, and of the LM head, from a dense greedy decode after the prompt: {key: [token rows [1, D]]}."""
+    (gate/up) and down projection, and of the LM head, from a dense greedy decode after the prompt:
+    {key: [token rows [1, D]]}."""
     from common.execution.thresholds import LinearInputCapture
 
     stream = GreedyStream(model, prompt_ids)
@@ -300,31 +301,24 @@ def _torch_linears(linears):
     return lambda x: [linear(x) for linear in linears]
 
 
-def _mlp(model, layer: int):
-    """Layer ``layer``'s MLP module (the module whose input is the FFN input)."""
-    from common.core.sites import site_module_names
-
-    names = {site_layer: name for (site_layer, _), (name, _) in site_module_names(model, "input").items()}
-    return model.get_submodule(names[layer])
-
-
 def build_stream(model, scope: str, thresholds, kernel) -> tuple[list[Part], list]:
     """The decode-order stream of ``scope``: per layer q/k/v, o, gate/up and down, then the LM head;
     the scope's matrices as sparse products at ``thresholds`` (None: the model's own layers), every
     other matrix through the model's own layers; and the sparse products (whose counts give the
     bytes read). At ``gate`` the sparse variants run the bundled MLP (dense gate, kept neurons' up
     rows and down columns) as one part in place of gate/up and down."""
-    from common.core.sites import layer_list_path, linear_module_names
+    from common.core.sites import layer_list_path, linear_module_names, site_module_names
     from common.execution import GateBundle, SparseProduct
 
     count = len(model.get_submodule(layer_list_path(model)))
     linears = {group: linear_module_names(model, group) for group in GROUP_CATEGORIES}
+    mlps = {layer: name for (layer, _), (name, _) in site_module_names(model, "input").items()}
     sparsified = {"input": ("input",), "intermediate": ("intermediate",), "gate": (),
                   "all_linear": tuple(GROUP_CATEGORIES)}[scope] if thresholds is not None else ()
     parts, products = [], []
     for layer in range(count):
         if thresholds is not None and scope == "gate":
-            mlp = _mlp(model, layer)
+            mlp = model.get_submodule(mlps[layer])
             bundle = GateBundle(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn,
                                 thresholds.values["gate"][layer], kernel)
             groups = ("attention", "attention_output")

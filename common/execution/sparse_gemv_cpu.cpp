@@ -286,9 +286,6 @@ struct Kept {
 // non-finite anyway), or the entries of mask when it is given. Branch-free; with AVX-512, 16 entries
 // per step: one compare, and the kept indices and values packed by a register compress (the
 // memory-destination compress is microcoded on some CPUs).
-inline float load_float(const float* p) { return *p; }
-inline float load_float(const bf16* p) { return static_cast<float>(*p); }
-
 #if defined(SPARSE_GEMV_AVX512)
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const bf16* p, __mmask16 m) {
@@ -332,7 +329,7 @@ void select(const T* x, const bool* mask, int64_t n, float threshold, Kept& kept
   finite = all_finite == 0xFFFF;
 #endif
   for (; j < n; ++j) {
-    const float v = load_float(x + j);
+    const float v = to_float(x[j]);
     const float a = std::fabs(v);
     finite &= a <= largest;  // false for an infinity and for NaN
     index[k] = static_cast<int32_t>(j);
