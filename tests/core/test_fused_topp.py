@@ -148,9 +148,35 @@ def test_switched_off_or_unbuildable_kernel_falls_back_to_the_torch_path(monkeyp
         fused_topp._build.cache_clear()  # the next test loads the real kernel again
 
 
+def test_a_compiler_without_openmp_is_asked_for_the_one_thread_build(monkeypatch, kernel):
+    """Apple's clang rejects -fopenmp: the loader asks again, without OpenMP and under its own name,
+    and says so once (the build itself is compiled by the slow test below)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    calls = []
+
+    def no_openmp(*args, **kwargs):
+        calls.append(kwargs)
+        if "-fopenmp" in kwargs.get("extra_cflags", []):
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+        return kernel  # stands in for the one-thread build
+
+    monkeypatch.setattr(cpp_extension, "load", no_openmp)
+    fused_topp._build.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="without OpenMP .*unsupported option '-fopenmp'.* one thread"):
+            assert fused_topp.kernel() is kernel
+        first, second = calls
+        assert second["name"] == first["name"] + "_serial" and second["sources"] == first["sources"]
+        assert "-fopenmp" not in second["extra_cflags"] + second.get("extra_ldflags", [])
+    finally:
+        fused_topp._build.cache_clear()  # the next test loads the real kernel again
+
+
+@pytest.mark.slow
 def test_a_compiler_without_openmp_gets_the_one_thread_kernel(monkeypatch):
     """Apple's clang rejects -fopenmp: the kernel is built again without it (one thread per
-    process, a warning says so) and gives the same outputs."""
+    process, a warning says so) and gives the same outputs (a compile of about 30 s)."""
     import torch.utils.cpp_extension as cpp_extension
 
     real_load = cpp_extension.load

@@ -12,6 +12,7 @@ import pytest
 
 from common.cli import flags
 from outputs import assert_no_nan
+from script_calls import run_scripts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,16 +116,16 @@ def _run(script: str, *argv, timeout: int = 120) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=ROOT)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--ppl-percent", "-1"], "--ppl-percent: expected a number above 0"),
-    (["--metric", "f1score"], "error: --metric f1score is not a metric of bb_social_iqa"),
-    (["--tasks", "no_such_task"], "error: unknown task no_such_task"),
-])
-def test_the_dense_script_refuses_before_the_plan_or_the_model(argv, message, tmp_path):
-    result = _run("dense_sweep.py", *argv, "--output", str(tmp_path / "out"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert message in result.stderr.strip().splitlines()[-1]
-    assert "plan for" not in result.stdout and not (tmp_path / "out").exists()  # nothing loaded, nothing written
+def test_the_dense_script_refuses_before_the_plan_or_the_model(tmp_path):
+    cases = [(["--ppl-percent", "-1"], "--ppl-percent: expected a number above 0"),
+             (["--metric", "f1score"], "error: --metric f1score is not a metric of bb_social_iqa"),
+             (["--tasks", "no_such_task"], "error: unknown task no_such_task")]
+    results = run_scripts([("dense_sweep.py", [*argv, "--output", tmp_path / "out"]) for argv, _ in cases])
+    for (argv, message), result in zip(cases, results):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (argv, result.stderr[-1000:])
+        assert message in result.stderr.strip().splitlines()[-1], argv
+        assert "plan for" not in result.stdout, argv  # nothing loaded
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def test_written_outputs_hold_no_nan_where_a_number_is_promised(tmp_path):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from outputs import assert_no_nan
+from script_calls import run_scripts
 from tiny_models import save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,15 +65,17 @@ def test_dense_sweep_with_two_criteria_writes_both_and_the_comparison(tmp_path):
 
 
 def test_pairs_that_do_not_apply_are_refused_before_any_model_loads(tmp_path):
-    for script, flags, message in (
-            ("dense_sweep.py", ["--criterion", "cats", "--sites", "input"], "criterion cats does not apply at input"),
-            ("dense_sweep.py", ["--criterion", "wnia"], "unknown criterion 'wnia'"),
-            ("dense_sweep.py", ["--criterion", "teal", "--search"], "--search and --target-halfwidth choose"),
-            ("dense_sweep.py", ["--criterion", "teal", "--targets", "1.0"], "--targets are target sparsities"),
-            ("dense_sweep.py", ["--criterion", "teal", "teal"], "names teal more than once"),
-            ("moe_experts.py", ["--criterion", "wina", "--sites", "input"], "does not apply to fused MoE experts"),
-            ("llada_jaccard.py", ["--criterion", "cats", "--site", "input"], "criterion cats does not apply at input")):
-        result = _run(script, "--model", "no-such-model-is-loaded", *flags, cache=tmp_path / "cache")
+    cases = [
+        ("dense_sweep.py", ["--criterion", "cats", "--sites", "input"], "criterion cats does not apply at input"),
+        ("dense_sweep.py", ["--criterion", "wnia"], "unknown criterion 'wnia'"),
+        ("dense_sweep.py", ["--criterion", "teal", "--search"], "--search and --target-halfwidth choose"),
+        ("dense_sweep.py", ["--criterion", "teal", "--targets", "1.0"], "--targets are target sparsities"),
+        ("dense_sweep.py", ["--criterion", "teal", "teal"], "names teal more than once"),
+        ("moe_experts.py", ["--criterion", "wina", "--sites", "input"], "does not apply to fused MoE experts"),
+        ("llada_jaccard.py", ["--criterion", "cats", "--site", "input"], "criterion cats does not apply at input")]
+    results = run_scripts([(script, ["--model", "no-such-model-is-loaded", *flags]) for script, flags, _ in cases],
+                          env={"ACTIVATION_SPARSITY_CACHE": str(tmp_path / "cache")})
+    for (script, flags, message), result in zip(cases, results):
         assert result.returncode == 2, (flags, result.stderr[-1000:])
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (flags, result.stderr)
 

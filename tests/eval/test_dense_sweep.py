@@ -15,6 +15,7 @@ from common.evaluation.store import ResultStore, parse_shard
 from common.evaluation.sweep import SweepRunner, SweepSpec, evaluate_task
 from common.evaluation.tasks import task_manager
 from outputs import assert_no_nan
+from script_calls import run_scripts
 from tiny_models import char_tokenizer, save_tiny_llama, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -327,33 +328,32 @@ def test_dense_sweep_script_end_to_end_and_resume(tmp_path):
 
 
 def test_dense_sweep_script_bad_input(tmp_path):
-    result = _run("--model", "no-such-alias")
-    assert result.returncode == 2 and result.stderr.strip().startswith("error: unknown model 'no-such-alias'")
-    result = _run("--model", "smollm2-135m", "--tasks", "arc_easy")
-    assert result.returncode == 2 and "need the dataset hub but HF_DATASETS_OFFLINE=1" in result.stderr
-    result = _run("--grid", "1.0", "1.3")
-    assert result.returncode == 2 and "outside [0, 1]" in result.stderr
-    for flags, message in [(["--resolution", "-1"], "--resolution"), (["--resolution", "0"], "--resolution"),
-                           (["--resolution", "nan"], "--resolution"), (["--budget", "1"], "--budget"),
-                           (["--threshold", "1.5"], "--threshold"), (["--spread", "-0.5"], "--spread")]:
-        result = _run("--search", *flags)  # refused at once, before any model is loaded
-        assert result.returncode == 2 and result.stderr.strip().startswith("error: " + message), result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
     (tmp_path / "a-file").write_text("x")
-    for flags, message in [(["--limit", "-1"], "expected 0 or more"), (["--batch-size", "abc"], "invalid --batch-size"),
-                           (["--dtype", "float8"], "unknown --dtype"), (["--power", "nan"], "expected a finite"),
-                           (["--output", str(tmp_path / "a-file")], "is a file"),
-                           (["--target-halfwidth", "0"], "--target-halfwidth is a half-width"),
-                           (["--target-halfwidth", "0.05", "--search"], "--target-halfwidth plans items"),
-                           (["--max-items", "0"], "expected 1 or more"),
-                           (["--stop-below", "0.995"], "--stop-below must be in"),
-                           (["--stop-below", "0.9", "--search"], "--stop-below ends a grid sweep"),
-                           (["--memory-fraction", "1.5"], "--memory-fraction must be in (0, 1]"),
-                           (["--memory-fraction", "0.5", "--device", "cpu"], "--memory-fraction limits GPU memory")] + (
-            [] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]):
-        result = _run(*flags)  # refused before any model is loaded or any cell computed
-        assert result.returncode == 2 and message in result.stderr, (flags, result.stderr)
+    first = [(["--model", "no-such-alias"], "error: unknown model 'no-such-alias'"),
+             (["--model", "smollm2-135m", "--tasks", "arc_easy"], "need the dataset hub but HF_DATASETS_OFFLINE=1"),
+             (["--grid", "1.0", "1.3"], "outside [0, 1]")]
+    search = [(["--search", *flags], "error: " + message)  # refused at once, before any model is loaded
+              for flags, message in [(["--resolution", "-1"], "--resolution"), (["--resolution", "0"], "--resolution"),
+                                     (["--resolution", "nan"], "--resolution"), (["--budget", "1"], "--budget"),
+                                     (["--threshold", "1.5"], "--threshold"), (["--spread", "-0.5"], "--spread")]]
+    settings = [(["--limit", "-1"], "expected 0 or more"), (["--batch-size", "abc"], "invalid --batch-size"),
+                (["--dtype", "float8"], "unknown --dtype"), (["--power", "nan"], "expected a finite"),
+                (["--output", str(tmp_path / "a-file")], "is a file"),
+                (["--target-halfwidth", "0"], "--target-halfwidth is a half-width"),
+                (["--target-halfwidth", "0.05", "--search"], "--target-halfwidth plans items"),
+                (["--max-items", "0"], "expected 1 or more"),
+                (["--stop-below", "0.995"], "--stop-below must be in"),
+                (["--stop-below", "0.9", "--search"], "--stop-below ends a grid sweep"),
+                (["--memory-fraction", "1.5"], "--memory-fraction must be in (0, 1]"),
+                (["--memory-fraction", "0.5", "--device", "cpu"], "--memory-fraction limits GPU memory")] + (
+        [] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")])
+    cases = first + search + settings
+    results = run_scripts([("dense_sweep.py", argv) for argv, _ in cases])
+    for (argv, message), result in zip(cases, results):
+        assert result.returncode == 2 and message in result.stderr, (argv, result.stderr[-1000:])
         assert "Traceback" not in result.stderr and "error" in result.stderr.strip().splitlines()[-1]
+    for (argv, message), result in zip(first[:1] + search, results[:1] + results[len(first):]):
+        assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1, argv
 
 
 def test_missing_cells_name_the_unfinished_shards(manager, tmp_path):

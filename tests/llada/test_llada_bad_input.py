@@ -2,16 +2,12 @@
 where it can be."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from llada_sparsity.char_tokenizer import CharTokenizer
 from llada_sparsity.study import JaccardStudy, apply_chat_template, read_prompts
-
-REPO = Path(__file__).resolve().parents[2]
+from script_calls import run_scripts
 
 
 def test_limit_zero_is_all_and_negative_is_refused():
@@ -70,35 +66,33 @@ def test_chat_without_a_chat_template():
         apply_chat_template(CharTokenizer.default(), ["hello"])
 
 
-def _run_script(*args):
-    return subprocess.run([sys.executable, str(REPO / "experiments" / "llada_jaccard.py"), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
-
-
-@pytest.mark.parametrize("args, message", [
+BAD_FLAGS = [
     (["--limit", "-1"], "error: --limit must be >= 0 (0 = all prompts), got -1"),
     (["--temperature", "nan"], "error: temperature must be a finite number >= 0 (0 = off), got nan"),
     (["--gen-length", "100000000", "--block-length", "100000000", "--steps", "1"],
      "error: --gen-length 100000000 exceeds the model's 128 positions"),
     (["--chat", "--limit", "1", "--reuse"], "error: --chat needs a tokenizer with a chat template"),
-])
-def test_script_bad_input_is_one_line(args, message, tmp_path):
-    result = _run_script(*args, "--output", str(tmp_path / "out"))
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if "Loading weights" not in line]
-    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+]
+
+
+def test_script_bad_input_is_one_line(tmp_path):
+    results = run_scripts([("llada_jaccard.py", [*args, "--output", tmp_path / "out"]) for args, _ in BAD_FLAGS])
+    for (args, message), result in zip(BAD_FLAGS, results):
+        assert result.returncode == 2, (args, result.stderr)
+        lines = [line for line in result.stderr.strip().splitlines() if "Loading weights" not in line]
+        assert len(lines) == 1 and lines[0].startswith(message), (args, result.stderr)
     assert not (tmp_path / "out").exists()
 
 
 def test_script_bad_prompt_files_are_one_line(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "fine"}\n{"question": "no prompt"}\n')
-    result = _run_script("--prompts", str(broken), "--output", str(tmp_path / "out"))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f'error: {broken}:2: no "prompt" (or "text") string; write one {{"prompt": "..."}} per line']
     latin = tmp_path / "latin.txt"
     latin.write_bytes("café\n".encode("latin-1"))
-    result = _run_script("--prompts", str(latin), "--output", str(tmp_path / "out"))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[0].startswith(f"error: prompt file {latin} is not UTF-8 text")
+    first, second = run_scripts([("llada_jaccard.py", ["--prompts", prompts, "--output", tmp_path / "out"])
+                                 for prompts in (broken, latin)])
+    assert first.returncode == 2
+    assert first.stderr.strip().splitlines() == [
+        f'error: {broken}:2: no "prompt" (or "text") string; write one {{"prompt": "..."}} per line']
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[0].startswith(f"error: prompt file {latin} is not UTF-8 text")

@@ -221,13 +221,14 @@ def test_moe_experts_script_end_to_end(tmp_path):
 
 
 def test_moe_experts_script_rejects_dense_models_and_unknown_aliases(tmp_path):
+    from script_calls import run_scripts
     from tiny_models import save_tiny_llama
 
-    result = _moe_script("--model", str(save_tiny_llama(tmp_path / "dense")))
-    assert result.returncode == 2 and "is a 'llama' model, not a mixture of experts" in result.stderr
-    result = _moe_script("--model", "mixtral-huge")
-    assert result.returncode == 2 and "unknown MoE model 'mixtral-huge'" in result.stderr
-    result = _moe_script("--model", "olmoe-1b-7b", "--grid", "2")
-    assert result.returncode == 2 and "outside [0, 1]" in result.stderr
-    result = _moe_script("--model", "olmoe-1b-7b", "--critical-value", "2.5")  # was: exit 0, empty experts.json
-    assert result.returncode == 2 and "rule value p=2.5 is outside [0, 1]" in result.stderr
+    cases = [(["--model", save_tiny_llama(tmp_path / "dense")], "is a 'llama' model, not a mixture of experts"),
+             (["--model", "mixtral-huge"], "unknown MoE model 'mixtral-huge'"),
+             (["--model", "olmoe-1b-7b", "--grid", "2"], "outside [0, 1]"),
+             (["--model", "olmoe-1b-7b", "--critical-value", "2.5"], "rule value p=2.5 is outside [0, 1]")]
+    for (argv, message), result in zip(cases, run_scripts([("moe_experts.py", argv) for argv, _ in cases])):
+        assert result.returncode == 2 and message in result.stderr, (argv, result.stderr[-1000:])
+
+
