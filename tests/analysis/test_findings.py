@@ -166,6 +166,7 @@ def test_the_findings_read_the_committed_files(tmp_path):
     assert "| intermediate | magnitude | 0.350 [0.300, 0.400] |" in text and "| 1 (baseline) |" in text
     assert "| 0 / 0 of 3 | 0.92x [0.90, 0.95] |" in text
     assert "magnitude top-p at p = 0.9, alternated in one run (3 repeats" in text and "load 0.20 at the start" in text
+    assert "--model smollm2-135m --protocol paper --sites input intermediate --criterion teal wina --targets" in text
     assert "results/criteria_cost/smollm2-135m/cpu" in text and findings.COMMANDS["criteria_cost"].format(
         model="smollm2-135m") in text
     assert "| intermediate | teal | 0.330 [0.280, 0.380] | +0.004 [-0.020, 0.020] |" in text and "| 0 / 0 of 3 |" in text

@@ -10,7 +10,7 @@ from pathlib import Path
 from common.analysis.findings import figures as draw
 from common.analysis.findings.page import Section, data_line, interval, load_json, median_ratio, not_measured, \
     number, reading
-from common.analysis.findings.sources import COMMANDS, CRITERIA_ALL_INPUTS, CRITERIA_COST, DENSE_MODELS, \
+from common.analysis.findings.sources import COMMANDS, CRITERIA, CRITERIA_ALL_INPUTS, CRITERIA_COST, DENSE_MODELS, \
     criteria_comparisons
 
 # What each criterion's paper claims, set beside what is measured here.
@@ -55,6 +55,13 @@ def keeps_most(comparison: dict, site: str) -> tuple[str, bool]:
     return best, decided
 
 
+def studied(comparison: dict, *sites: str) -> str:
+    """The criteria a model's study compared at ``sites``, in the order of the full list (``CRITERIA``),
+    as its command names them."""
+    found = {r["criteria"][0] for r in comparison["comparisons"] if r["site"] in sites}
+    return " ".join(name for name in CRITERIA.split() if name in found)
+
+
 def measured_cost(summary: dict | None) -> dict[tuple[str, str], dict]:
     """(site, criterion) -> its evaluation time over magnitude top-p's (``median_ratio``), from a
     ``bench_eval_overhead.py --criteria`` summary (empty without one)."""
@@ -80,7 +87,8 @@ def criteria(results: Path) -> Section:
     title = "Which criterion keeps most at equal sparsity"
     found = criteria_comparisons(results)
     if not found:
-        return Section(title, None, not_measured(COMMANDS["criteria"].format(model=DENSE_MODELS[0])))
+        command = COMMANDS["criteria"].format(model=DENSE_MODELS[0], criteria=CRITERIA)
+        return Section(title, None, not_measured(command))
     claims, lines, panels = [], [], []
     for model, comparison in found.items():
         baseline = comparison["baseline"]
@@ -133,9 +141,10 @@ def criteria(results: Path) -> Section:
     claim = "At equal measured sparsity, " + "; ".join(claims) + "."
     timed = [m for m in found if (results / CRITERIA_COST.format(model=m) / "summary.json").is_file()]
     folders = [folder for comparison in found.values() for folder in comparison["folders"]]
-    first = next(iter(found))
-    commands = [COMMANDS["criteria"].format(model=first)] + (
-        [COMMANDS["criteria_all_inputs"].format(model=first)] if any(CRITERIA_ALL_INPUTS in f for f in folders) else [])
+    commands = [COMMANDS["criteria"].format(model=model, criteria=studied(comparison, "input", "intermediate"))
+                for model, comparison in found.items()]
+    commands += [COMMANDS["criteria_all_inputs"].format(model=model) for model, comparison in found.items()
+                 if any(CRITERIA_ALL_INPUTS in folder for folder in comparison["folders"])]
     lines += data_line(folders + [CRITERIA_COST.format(model=m) for m in timed],
                        "\n".join(commands + [COMMANDS["criteria_cost"].format(model=m) for m in timed[:1]]))
     return Section(title, claim, lines, {"criteria.png": lambda path: draw.criteria(panels, path)})

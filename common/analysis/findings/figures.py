@@ -192,11 +192,12 @@ def _decode_panel(ax, rows: list[dict]) -> None:
 
 def criteria(panels: list[dict], path: Path) -> None:
     """Per model and site: each criterion's answer KL minus the baseline's at the same measured
-    sparsity, with its 95% paired interval (0: as good as magnitude top-p; below 0: keeps more)."""
+    sparsity, with its 95% paired interval (0: as good as magnitude top-p; below 0: keeps more). A
+    criterion keeps its colour in every panel."""
     columns = max(len(panel["sites"]) for panel in panels)
+    names = sorted({r["criteria"][0] for panel in panels for r in panel["rows"]})
     with figure(path, len(panels), columns, height=2.8, width=3.6) as (fig, axes):
         for row_axes, panel in zip(axes, panels):
-            names = sorted({r["criteria"][0] for r in panel["rows"]})
             for ax, site in zip(row_axes, panel["sites"]):
                 for k, name in enumerate(names):
                     rows = [r for r in panel["rows"] if r["site"] == site and r["criteria"][0] == name]

@@ -10,7 +10,7 @@ GRID_VARIANT = "small-grid"  # every item of the offline suite, the paper grid w
 CRITERIA_VARIANT = "criteria"  # every item of the offline suite, every criterion at input and intermediate
 CRITERIA_ALL_INPUTS = "criteria-all-inputs"  # all_inputs, magnitude top-p in the same run (CATS does not apply;
 # LaRoSA's rotation, at twice the cost, is left out there)
-CRITERIA = "teal cats scap wina larosa"  # magnitude top-p, their baseline, is the grid's
+CRITERIA = "teal cats scap wina larosa"  # magnitude top-p, their baseline, is the grid's; a study may run fewer
 DENSE_MODELS = ("smollm2-135m", "gemma3-270m")  # expected on the page; any other model's grid is picked up too
 LLADA = "llada_jaccard/tiny-llada-chars/paper-compat"
 MOE = "moe_experts/moefied-smollm2-135m/small-30"
@@ -30,7 +30,7 @@ def _two_shards(arguments: str, output: str) -> str:
 COMMANDS = {
     "dense": _two_shards("--model {model} --protocol paper --sites input intermediate --tasks small --limit 0 "
                          "--stop-below 0.9 --dtype bfloat16", f"dense_sweep/{{model}}/{GRID_VARIANT}"),
-    "criteria": _two_shards(f"--model {{model}} --protocol paper --sites input intermediate --criterion {CRITERIA} "
+    "criteria": _two_shards("--model {model} --protocol paper --sites input intermediate --criterion {criteria} "
                             "--targets 0.1 0.2 0.3 0.5 0.7 --tasks small --limit 0 --dtype bfloat16",
                             f"dense_sweep/{{model}}/{CRITERIA_VARIANT}")
     + f"\npython -m common.cli.report criteria results/dense_sweep/{{model}}/{CRITERIA_VARIANT} "
