@@ -1,4 +1,5 @@
-"""Run the command-line scripts as a user does, many calls in one fresh Python process.
+"""Run the command-line scripts as a user does, offline: one call in a new Python process, or many
+calls in one fresh Python process.
 
 Starting Python and importing torch, transformers and lm-eval costs seconds, more than refusing a bad
 flag does, so the bad-input checks run their calls one after another in a single child process: each
@@ -44,6 +45,13 @@ for call in json.loads(sys.stdin.read()):
     results.append({"returncode": status, "stdout": out.getvalue(), "stderr": err.getvalue()})
 sys.__stdout__.write("\n" + json.dumps(results) + "\n")
 """
+
+
+def run_script(script: str, *argv, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """One call of a script under ``experiments/`` in a new Python process in the repository, offline,
+    with ``env`` added."""
+    return subprocess.run([sys.executable, str(EXPERIMENTS / script), *[str(a) for a in argv]], capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout, env={**os.environ, **OFFLINE, **(env or {})})
 
 
 def run_scripts(calls: list[tuple[str, list[str]]], env: dict | None = None,

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from common.cli import flags
 from outputs import assert_no_nan
-from script_calls import run_scripts
-
-ROOT = Path(__file__).resolve().parents[2]
+from script_calls import run_script, run_scripts
 
 
 def _sweep_args(*argv):
@@ -112,8 +108,7 @@ def test_a_model_too_large_for_the_machine_names_the_rehearsal():
 
 
 def _run(script: str, *argv, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *argv], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return run_script(script, *argv, timeout=timeout)
 
 
 def test_the_dense_script_refuses_before_the_plan_or_the_model(tmp_path):

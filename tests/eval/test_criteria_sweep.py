@@ -3,23 +3,19 @@ the comparison (and the report command reads it), the LLaDA study's Jaccard of a
 criterion's masks, and pairs that do not apply refused before any model loads."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from outputs import assert_no_nan
-from script_calls import run_scripts
+from script_calls import run_script, run_scripts
 from tiny_models import save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(script, *args, cache):
-    return subprocess.run([sys.executable, str(REPO / "experiments" / script), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                               "ACTIVATION_SPARSITY_CACHE": str(cache)})
+    return run_script(script, *args, env={"ACTIVATION_SPARSITY_CACHE": str(cache)})
 
 
 def test_dense_sweep_with_two_criteria_writes_both_and_the_comparison(tmp_path):

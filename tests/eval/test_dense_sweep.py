@@ -15,7 +15,7 @@ from common.evaluation.store import ResultStore, parse_shard
 from common.evaluation.sweep import SweepRunner, SweepSpec, evaluate_task
 from common.evaluation.tasks import task_manager
 from outputs import assert_no_nan
-from script_calls import run_scripts
+from script_calls import run_script, run_scripts
 from tiny_models import char_tokenizer, save_tiny_llama, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -261,11 +261,7 @@ def test_parse_shard():
 
 
 def _run(*args, env=None):
-    import os
-
-    return subprocess.run([sys.executable, str(REPO / "experiments" / "dense_sweep.py"), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
+    return run_script("dense_sweep.py", *args, env=env)
 
 
 def test_dense_sweep_script_end_to_end_and_resume(tmp_path):

@@ -170,15 +170,9 @@ def test_moefication_with_every_expert_active_reproduces_the_dense_model():
 
 
 def _moe_script(*args):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from script_calls import run_script
 
-    repo = Path(__file__).resolve().parents[2]
-    return subprocess.run([sys.executable, str(repo / "experiments" / "moe_experts.py"), *args], capture_output=True,
-                          text=True, cwd=repo, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    return run_script("moe_experts.py", *args)
 
 
 def test_moe_experts_script_end_to_end(tmp_path):
