@@ -23,6 +23,7 @@ from common.analysis.item_planner import task_average_band
 from common.analysis.orderings import (CRITERIA_LEVELS, choice_kl_items, compare_criteria, site_curve,
                                       site_orderings, task_average_points, task_average_sparsity,
                                       values_every_task_has)
+from common.analysis.palette import criterion_colors, criterion_order
 from common.evaluation.store import ResultStore, atomic_write_json, write_csv
 from common.evaluation.sweep import DENSE, SweepSpec, early_stop, measured_sparsity, perplexity
 from common.evaluation.tasks import PERPLEXITY_TASKS, primary_metric
@@ -345,7 +346,8 @@ def write_report(store: ResultStore, spec: SweepSpec, output: Path, threshold: f
     paths = figures(store, spec, frame, [c for c in critical if c["criterion"] == spec.criterion_name],
                     output / "figures", threshold)
     if others:
-        paths += criteria_figure(store, [spec, *others], frames, output / "figures", iterations)
+        paths += criteria_figure([(store, s, frames[s.criterion_name]) for s in [spec, *others]],
+                                 output / "figures" / "criteria_choice_kl", iterations)
     summary["figures"] = [str(p.relative_to(output)) for p in paths if p.suffix == ".png"]
     atomic_write_json(output / "critical.json", summary)
     return summary
@@ -403,14 +405,15 @@ def criteria_cost(frame: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def criteria_figure(store: ResultStore, specs: list[SweepSpec], frames: dict[str, pd.DataFrame], folder: Path,
+def criteria_figure(sweeps: list[tuple[ResultStore, SweepSpec, pd.DataFrame]], path: Path,
                     iterations: int = 1000) -> list[Path]:
     """Answer KL against measured sparsity, one panel per site, one line per criterion with its 95%
-    paired-bootstrap band (task average over the multiple-choice tasks)."""
-    sites = list(dict.fromkeys(site for spec in specs for site in spec.sites))
+    paired-bootstrap band (task average over the multiple-choice tasks). ``sweeps``: (store, spec,
+    tidy rows) per criterion, from one folder or several (a baseline swept elsewhere); each
+    criterion keeps its colour in every panel and figure (``palette``)."""
+    sites = list(dict.fromkeys(site for _, spec, _ in sweeps for site in spec.sites))
     curves = {}
-    for spec in specs:
-        frame = frames[spec.criterion_name]
+    for store, spec, frame in sweeps:
         for site in spec.sites:
             if not frame.empty and (frame.site == site).any():
                 curve = site_curve(store, spec, frame, site, "choice_kl", iterations)
@@ -418,24 +421,27 @@ def criteria_figure(store: ResultStore, specs: list[SweepSpec], frames: dict[str
                     curves[(site, spec.criterion_name)] = curve
     if not curves:
         return []
+    colors = criterion_colors(name for _, name in curves)
+    sites = [site for site in sites if any(key[0] == site for key in curves)]
     fig, axes = plots.plt.subplots(1, len(sites), figsize=(4.5 * len(sites), 4), squeeze=False)
+    model = sweeps[0][1].model
     for ax, site in zip(axes[0], sites):
-        for spec in specs:
-            if (site, spec.criterion_name) not in curves:
+        for name in criterion_order(dict.fromkeys(spec.criterion_name for _, spec, _ in sweeps)):
+            if (site, name) not in curves:
                 continue
-            sparsity, kl = curves[(site, spec.criterion_name)]
+            sparsity, kl = curves[(site, name)]
             order = np.argsort(sparsity)
             order = order[kl[0][order] > 0]  # a point that changed no answer distribution has no place on a log axis
             low, high = np.percentile(kl[1:], [2.5, 97.5], axis=0)
-            line = ax.plot(sparsity[order], kl[0][order], marker="o", markersize=3, label=spec.criterion_name)[0]
-            ax.fill_between(sparsity[order], low[order], high[order], color=line.get_color(), alpha=0.2)
+            ax.plot(sparsity[order], kl[0][order], marker="o", markersize=3, color=colors[name], label=name)
+            ax.fill_between(sparsity[order], low[order], high[order], color=colors[name], alpha=0.2)
         ax.set_yscale("log")
-        ax.set_title(site)
+        ax.set_title(f"{model}, {site}")
         ax.set_xlabel("measured sparsity")
         ax.set_ylabel("answer KL(dense || sparse), nats")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{specs[0].model}: answer KL by criterion (95% paired-bootstrap bands)")
-    return plots.save_figure(fig, folder / "criteria_choice_kl")
+    fig.suptitle("answer KL by criterion, 95% paired-bootstrap bands", fontsize=9)
+    return plots.save_figure(fig, path)
 
 
 def effective_rank_pass(model, tokenizer, sites, output: Path, documents: int = 32, max_tokens: int = 256) -> list[dict]:

@@ -238,9 +238,10 @@ def criteria_comparison(folders: list[Path]) -> dict:
     sweeps = {folder: _criterion_sweeps(folder) for folder in folders}
     baselines = {folder: next((s for s in found if s[1].criterion_name == BASELINE_CRITERION), None)
                  for folder, found in sweeps.items()}
-    comparisons, crossings, frames, missing = [], [], [], []
+    comparisons, crossings, frames, missing, thresholds = [], [], [], [], set()
     for folder, found in sweeps.items():
         summary = json.loads((folder / "critical.json").read_text())
+        thresholds.add(summary["threshold"])
         crossings += [{**row, "folder": str(folder)} for row in criteria_crossings(summary["critical"])]
         frames += [frame for _, _, frame in found if not frame.empty]
         for sweep in found:
@@ -259,9 +260,43 @@ def criteria_comparison(folders: list[Path]) -> dict:
         raise ValueError(f"no {BASELINE_CRITERION} sweep of the same model and dtype to compare "
                          f"{', '.join(missing)} with; add a folder that holds one (--criterion magnitude)")
     return {"baseline": BASELINE_CRITERION, "levels": list(CRITERIA_LEVELS), "folders": [str(f) for f in folders],
-            "comparisons": comparisons, "critical": crossings,
+            "comparisons": comparisons, "rivals": _rival_comparisons(sweeps), "critical": crossings,
+            "threshold": thresholds.pop() if len(thresholds) == 1 else None,
             "cost": criteria_cost(pd.concat(frames, ignore_index=True)) if frames else [],
             "without_baseline": missing}
+
+
+def _rival_comparisons(sweeps: dict[Path, list[tuple]]) -> list[dict]:
+    """Each criterion against the criteria its paper claims to beat (``claims.RIVALS``), paired over
+    the items where both were swept in one folder: the published claims read on the same items."""
+    from common.analysis.claims import RIVALS
+    from common.analysis.orderings import compare_criteria
+
+    out = []
+    for folder, found in sweeps.items():
+        by_name = {sweep[1].criterion_name: sweep for sweep in found}
+        for name, rivals in RIVALS.items():
+            for rival in rivals:
+                if name in by_name and rival in by_name:
+                    out += [{**row, "folders": [str(folder)]} for row in compare_criteria(by_name[name], by_name[rival])]
+    return out
+
+
+def criteria_models(folders: list[Path]) -> set[str]:
+    """The models of the folders' sweeps (read from their critical.json)."""
+    models = set()
+    for folder in folders:
+        summary = json.loads((folder / "critical.json").read_text())
+        models |= {spec["model"] for spec in [summary["spec"], *summary.get("criteria_specs", [])]}
+    return models
+
+
+def criteria_figure(folders: list[Path], path: Path, iterations: int = 1000) -> list[Path]:
+    """Answer KL against measured sparsity of every criterion in the folders of one model, the
+    baseline included where it was swept in another folder (``report.criteria_figure``)."""
+    from common.analysis.report import criteria_figure as draw
+
+    return draw([sweep for folder in folders for sweep in _criterion_sweeps(folder)], path, iterations)
 
 
 def criteria_tables(comparison: dict) -> None:

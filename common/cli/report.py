@@ -3,7 +3,7 @@
     python -m common.cli.report tables FOLDER [FOLDER ...]
     python -m common.cli.report search-vs-grid SEARCH_FOLDER GRID_FOLDER
     python -m common.cli.report models GRID_A GRID_B [--json FILE]
-    python -m common.cli.report criteria FOLDER [FOLDER ...] [--json FILE]
+    python -m common.cli.report criteria FOLDER [FOLDER ...] [--json FILE] [--figure PATH]
     python -m common.cli.report replicates GRID OTHER_GRID [...]
     python -m common.cli.report leave-out COUNT GRID [...]
     python -m common.cli.report flips GRID [MAX_SPARSITY]
@@ -74,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "needed)")).add_argument("--json", type=Path, default=None, metavar="FILE",
                                             help="also write the comparison there, e.g. "
                                                  "results/dense_sweep/A-vs-B/small-grid/comparison.json")
-    add("criteria", ("folders", "FOLDER", "*", "finished sweep folders with criteria (cells needed); magnitude "
-                     "top-p in one of them")).add_argument("--json", type=Path, default=None, metavar="FILE",
-                                                           help="also write the comparison there")
+    criteria = add("criteria", ("folders", "FOLDER", "*", "finished sweep folders with criteria (cells needed); magnitude "
+                     "top-p in one of them"))
+    criteria.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the comparison there")
+    criteria.add_argument("--figure", type=Path, default=None, metavar="PATH",
+                          help="also draw answer KL against measured sparsity of every criterion, the baseline "
+                               "included, as PATH.png and PATH.pdf (folders of one model)")
     add("replicates", ("folders", "GRID", "*", "two or more finished grid folders, the first the reference"))
     add("leave-out", ("count", "COUNT", "?", "how many grid values to leave out at a time: 1, 2 or 3"),
         ("folders", "GRID", "*", "finished grid folders"))
@@ -171,6 +174,10 @@ def run(args: argparse.Namespace, label: str | None = None) -> int:
     elif args.command == "criteria":
         if not _finished_sweeps(folders):
             raise ValueError(f"{label} needs one or more finished sweep folders (with critical.json and tidy.csv)")
+        models = tables.criteria_models(folders)
+        if getattr(args, "figure", None) is not None and len(models) > 1:
+            raise ValueError(f"{label} --figure draws one model; these folders hold {', '.join(sorted(models))}: "
+                             "give the folders of one model")
         comparison = tables.criteria_comparison(folders)
         tables.criteria_tables(comparison)
         if getattr(args, "json", None) is not None:
@@ -178,6 +185,9 @@ def run(args: argparse.Namespace, label: str | None = None) -> int:
 
             atomic_write_json(args.json, comparison)
             print(f"written: {args.json}")
+        if getattr(args, "figure", None) is not None:
+            for path in tables.criteria_figure(folders, args.figure):
+                print(f"written: {path}")
     elif args.command == "item-estimate":
         folders, text = _split_trailing_number(getattr(args, "folders", []), args.halfwidth)
         if len(folders) != 1 or not (folders[0] / "critical.json").is_file():
@@ -219,11 +229,31 @@ def _findings(args: argparse.Namespace) -> int:
             print(f"{current} is not the page its data give: run python -m common.cli.report findings",
                   file=sys.stderr)
             return 1
-        print(f"{current} is current")
+        stale = _stale_figures(page, args.results / "figures")
+        if stale:
+            print(f"{', '.join(stale)} in {args.results / 'figures'} differ from the figures their data give: "
+                  "run python -m common.cli.report findings", file=sys.stderr)
+            return 1
+        print(f"{current} and its figures are current")
         return 0
     written = write_page(page, args.output or args.results)
     print(f"written: {written}")
     return 0
+
+
+def _stale_figures(page, folder: Path) -> list[str]:
+    """The page's figures that are missing from ``folder`` or differ from a fresh drawing, and PNGs
+    there that no finding draws."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        stale = []
+        for name, draw_figure in page.figures.items():
+            draw_figure(Path(scratch) / name)
+            here = folder / name
+            if not here.is_file() or here.read_bytes() != (Path(scratch) / name).read_bytes():
+                stale.append(name)
+    return stale + sorted(p.name for p in folder.glob("*.png") if p.name not in page.figures)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -121,13 +121,19 @@ def write_criteria(results: Path, model: str) -> None:
              "better": ("wina" if difference < 0 else "magnitude") if decided else None}
             for level in (0.3, 0.5, 0.7)
             for name, difference, decided in (("wina", -0.05, True), ("teal", 0.004, False))]
-    critical = [{"site": "intermediate", "criterion": name, "accuracy": None,
+    critical = [{"site": "intermediate", "criterion": name,
+                 "accuracy": None if name != "teal" else {"crossing": 0.3, "interval": [0.2, 0.35]},
                  "ppl": {"crossing": crossing, "interval": [crossing - 0.05, crossing + 0.05]}}
                 for name, crossing in (("magnitude", 0.35), ("wina", 0.42), ("teal", 0.33))]
     cost = [{"criterion": name, "site": "intermediate", "cells": 5, "median_seconds": 3.0, "sparse_over_dense": 1.1,
              "over_baseline": ratio} for name, ratio in (("magnitude", 1.0), ("wina", 1.04), ("teal", 1.02))]
-    (folder / "comparison.json").write_text(json.dumps({"baseline": "magnitude", "comparisons": rows,
+    rivals = [{"criteria": ["wina", "teal"], "site": "intermediate", "measure": "accuracy", "level": level,
+               "difference": difference, "interval": interval, "decided": interval[0] > 0,
+               "better": "wina" if interval[0] > 0 else None}
+              for level, difference, interval in ((0.3, 0.01, [-0.01, 0.03]), (0.5, 0.04, [0.01, 0.07]))]
+    (folder / "comparison.json").write_text(json.dumps({"baseline": "magnitude", "comparisons": rows, "rivals": rivals,
                                                         "critical": critical, "cost": cost}))
+    (folder / "critical.json").write_text(json.dumps({"threshold": 0.99}))
     timing = results / findings.CRITERIA_COST.format(model=model)
     timing.mkdir(parents=True)
     (timing / "summary.json").write_text(json.dumps({
@@ -170,6 +176,11 @@ def test_the_findings_read_the_committed_files(tmp_path):
     assert "results/criteria_cost/smollm2-135m/cpu" in text and findings.COMMANDS["criteria_cost"].format(
         model="smollm2-135m") in text
     assert "| intermediate | teal | 0.330 [0.280, 0.380] | +0.004 [-0.020, 0.020] |" in text and "| 0 / 0 of 3 |" in text
+    assert ("| teal | 40-50% model-wide at small loss (TEAL) | smollm2-135m | intermediate 0.300 [0.200, 0.350]: "
+            "does not hold |") in text
+    assert ("| wina | up to +2.94 points over TEAL at equal sparsity (WINA) | smollm2-135m | intermediate +0.040 "
+            "[0.010, 0.070] at 0.5, better / worse at 1 / 0 of 2: holds |") in text
+    assert "| larosa |" not in text and "| cats |" not in text  # claims of criteria not swept get no row
     assert ("**By PPL-1% the sparsest FFN site is intermediate on smollm2-135m (0.350 [0.330, 0.380]); by answer KL "
             "the site that moves the answers least is intermediate on smollm2-135m (3 of 3 comparisons decided).**"
             ) in text
@@ -289,6 +300,12 @@ def test_findings_check_says_when_the_page_is_stale(tmp_path):
     write_llada(tmp_path)
     assert _report("findings", "--results", str(tmp_path)).returncode == 0
     assert _report("findings", "--results", str(tmp_path), "--check").returncode == 0
+    drawn = next((tmp_path / "figures").glob("*.png"))
+    current = drawn.read_bytes()
+    drawn.write_bytes(current[:-1])  # the page's text is current, one of its figures is not
+    figure = _report("findings", "--results", str(tmp_path), "--check")
+    assert figure.returncode == 1 and drawn.name in figure.stderr and figure.stderr.count("\n") == 1
+    drawn.write_bytes(current)
     write_moe(tmp_path)
     stale = _report("findings", "--results", str(tmp_path), "--check")
     assert stale.returncode == 1 and "run python -m common.cli.report findings" in stale.stderr
@@ -340,6 +357,9 @@ def test_report_models_writes_the_comparison_the_page_reads(tmp_path):
     kl = [r for r in comparison["curves"] if r["measure"] == "choice_kl"]
     assert kl and all(r["decided"] and r["better"] == "large" for r in kl)
     assert "| intermediate | choice_kl |" in run.stdout and f"written: {target}" in run.stdout
+    mixed = _report("criteria", *folders, "--figure", str(tmp_path / "kl"))
+    assert mixed.returncode == 2 and mixed.stderr.count("\n") == 1 and "--figure draws one model" in mixed.stderr
+    assert not (tmp_path / "kl.png").exists()
 
 
 @pytest.mark.parametrize("args, message", [(["leave-out", "4"], "leave-out needs how many grid values"),

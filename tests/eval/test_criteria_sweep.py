@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common.analysis.palette import criterion_colors
 from outputs import assert_no_nan
 from script_calls import run_script, run_scripts
 from tiny_models import save_tiny_llama
@@ -18,7 +19,7 @@ def _run(script, *args, cache):
     return run_script(script, *args, env={"ACTIVATION_SPARSITY_CACHE": str(cache)})
 
 
-def test_dense_sweep_with_two_criteria_writes_both_and_the_comparison(tmp_path):
+def test_dense_sweep_with_two_criteria_writes_both_and_the_comparison(tmp_path, monkeypatch):
     model_dir = save_tiny_llama(tmp_path / "tiny")
     out = tmp_path / "out"
     args = ["--model", str(model_dir), "--sites", "intermediate", "input", "--criterion", "magnitude", "cats",
@@ -58,6 +59,33 @@ def test_dense_sweep_with_two_criteria_writes_both_and_the_comparison(tmp_path):
     assert json.loads((tmp_path / "criteria.json").read_text())["comparisons"]
     again = _run("dense_sweep.py", *args, cache=tmp_path / "cache")  # every cell reused, calibration not needed
     assert again.returncode == 0 and "resuming" in again.stdout
+
+    # a folder without magnitude top-p takes its baseline from another folder, in the comparison and the figure
+    alone = tmp_path / "cats-alone"
+    cats = [a if a != str(out) else str(alone) for a in args]
+    cats[cats.index("magnitude"):cats.index("magnitude") + 1] = []
+    assert _run("dense_sweep.py", *cats, cache=tmp_path / "cache").returncode == 0
+    drawn = _criteria_figure([alone, out], tmp_path / "kl", monkeypatch)
+    colors = criterion_colors(["magnitude-topp", "cats"])
+    assert drawn == {"intermediate": [("magnitude-topp", colors["magnitude-topp"]), ("cats", colors["cats"])],
+                     "input": [("magnitude-topp", colors["magnitude-topp"])]}
+
+
+def _criteria_figure(folders, path, monkeypatch):
+    """Per panel (site): the (label, colour) of each line ``tables.criteria_figure`` draws."""
+    from common.analysis import figures, tables
+
+    drawn = {}
+
+    def capture(fig, where):
+        for ax in fig.axes:
+            drawn[ax.get_title().split(", ")[-1]] = [(line.get_label(), tuple(line.get_color()[:3]))
+                                                     for line in ax.get_lines()]
+        return []
+
+    monkeypatch.setattr(figures, "save_figure", capture)
+    tables.criteria_figure(folders, path, iterations=20)
+    return drawn
 
 
 def test_pairs_that_do_not_apply_are_refused_before_any_model_loads(tmp_path):

@@ -7,20 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.analysis.claims import CLAIMS, rival_verdict, sparsity_verdict
 from common.analysis.findings import figures as draw
 from common.analysis.findings.page import Section, data_line, interval, load_json, median_ratio, not_measured, \
     number, reading
 from common.analysis.findings.sources import COMMANDS, CRITERIA, CRITERIA_ALL_INPUTS, CRITERIA_COST, DENSE_MODELS, \
     criteria_comparisons
 
-# What each criterion's paper claims, set beside what is measured here.
-PUBLISHED = {
-    "teal": "40-50% model-wide at small loss (TEAL)",
-    "cats": "about 50% FFN at 1-2% loss (CATS)",
-    "scap": "48.5% FFN at -1.5%, CATS 33.3% (SCAP)",
-    "wina": "up to +2.94 points over TEAL at equal sparsity (WINA)",
-    "larosa": "+1.77 points over TEAL at 40% (LaRoSA)",
-}
 SHOWN_LEVELS = (0.3, 0.5, 0.7)
 
 
@@ -134,10 +127,7 @@ def criteria(results: Path) -> Section:
         if timing:
             lines += [_cost_line(timing, model), ""]
         panels.append({"model": model, "baseline": baseline, "sites": sites, "rows": rows})
-    lines += ["Published claims, each on its authors' models and tasks: "
-              + "; ".join(f"{name}: {claim}" for name, claim in PUBLISHED.items())
-              + ". Here every criterion is read on the same items, against magnitude top-p at the same measured "
-              "sparsity; what each criterion computes: [docs/dense-sweep.md](../docs/dense-sweep.md#criteria-which-entries-to-keep).", ""]
+    lines += claims_table(found)
     claim = "At equal measured sparsity, " + "; ".join(claims) + "."
     timed = [m for m in found if (results / CRITERIA_COST.format(model=m) / "summary.json").is_file()]
     folders = [folder for comparison in found.values() for folder in comparison["folders"]]
@@ -148,3 +138,50 @@ def criteria(results: Path) -> Section:
     lines += data_line(folders + [CRITERIA_COST.format(model=m) for m in timed],
                        "\n".join(commands + [COMMANDS["criteria_cost"].format(model=m) for m in timed[:1]]))
     return Section(title, claim, lines, {"criteria.png": lambda path: draw.criteria(panels, path)})
+
+
+def _claim_reading(claim, comparison: dict, site: str) -> str | None:
+    """One site's reading of a claim on one model: the number read and the verdict (None: not swept)."""
+    if claim.rival is None:
+        entry = next((r for r in comparison["critical"] if r["site"] == site and r["criterion"] == claim.criterion),
+                     None)
+        if entry is None:
+            return None
+        verdict = sparsity_verdict(claim, entry.get("accuracy"), comparison["threshold"])
+        return f"{site} {reading(entry.get('accuracy'))}: {verdict or 'not read'}"
+    swept = {r["criterion"] for r in comparison["critical"] if r["site"] == site}
+    if not {claim.criterion, claim.rival} <= swept:
+        return None
+    rows = [r for r in comparison.get("rivals", []) if r["site"] == site and r["measure"] == "accuracy"
+            and r["criteria"] == [claim.criterion, claim.rival]]
+    if not rows:
+        return f"{site}: -"
+    better = sum(r["decided"] and r["better"] == claim.criterion for r in rows)
+    worse = sum(r["decided"] and r["better"] == claim.rival for r in rows)
+    shown = next((r for r in rows if abs(r["level"] - claim.at) < 1e-9), max(rows, key=lambda r: r["level"]))
+    return (f"{site} {shown['difference']:+.3f} {interval(shown['interval'])} at {number(shown['level'], 1)}, "
+            f"better / worse at {better} / {worse} of {len(rows)}: {rival_verdict(rows)}")
+
+
+def claims_table(found: dict[str, dict]) -> list[str]:
+    """Each published claim beside what is read here, per model and site, with its verdict."""
+    threshold = next(iter(found.values()))["threshold"]
+    lines = ["**Published claims** (each on its authors' models and tasks) beside these models. A sparsity claim is "
+             f"read against the criterion's own accuracy crossing at {100 * (1 - threshold):g}% loss [95% interval]: "
+             "holds where the interval lies above the claimed sparsity, does not hold where it lies below (a claim "
+             "at a larger loss is then not read; 'small loss' is read as this one, and TEAL's model-wide claim at the "
+             "FFN sites), cannot tell where it spans it. A claim over a rival is read "
+             "against their paired difference in task-average accuracy (a share of dense) at equal measured "
+             "sparsity, shown at the sparsity the claim names (else 0.5, else the highest both reach), counted at "
+             "every sparsity both reach: holds where the criterion is decided better at "
+             "some sparsity and worse at none. '-': the two are not compared paired in this model's comparison.", "",
+             "| criterion | claim | model | reading by site |", "|---|---|---|---|"]
+    for claim in CLAIMS:
+        for model, comparison in found.items():
+            sites = list(dict.fromkeys(r["site"] for r in comparison["critical"]))
+            readings = [text for text in (_claim_reading(claim, comparison, site) for site in sites) if text]
+            if readings:
+                lines.append(f"| {claim.criterion} | {claim.text} | {model} | {'; '.join(readings)} |")
+    return lines + ["", "What each criterion computes: "
+                    "[docs/dense-sweep.md](../docs/dense-sweep.md#criteria-which-entries-to-keep).", ""]
+

@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.analysis.palette import criterion_colors, criterion_order  # noqa: E402
+
 STYLE = {"figure.dpi": 100, "savefig.dpi": 100, "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8,
          "legend.fontsize": 7, "xtick.labelsize": 7, "ytick.labelsize": 7, "axes.grid": True, "grid.alpha": 0.3,
          "font.family": "DejaVu Sans", "svg.hashsalt": "findings", "path.simplify": False}
@@ -53,14 +55,14 @@ def _intervals(ax, sites: list[str], readings: dict, xlabel: str, title: str) ->
     ax.legend(loc="best")
 
 
-def _differences(ax, rows: list[dict], k: int, count: int, label: str) -> None:
+def _differences(ax, rows: list[dict], k: int, count: int, label: str, color: tuple) -> None:
     """One curve of paired differences against measured sparsity with their 95% intervals, the
     k-th of ``count`` shifted slightly so that overlapping intervals stay readable."""
     rows = sorted(rows, key=lambda r: r["level"])
     x = np.array([r["level"] for r in rows]) + (k - count / 2) * 0.006
     y = np.array([r["difference"] for r in rows])
     error = np.array([[r["difference"] - r["interval"][0], r["interval"][1] - r["difference"]] for r in rows]).T
-    ax.errorbar(x, y, yerr=error, marker="o", markersize=3, capsize=2, color=COLORS[(k + 1) % 10], label=label)
+    ax.errorbar(x, y, yerr=error, marker="o", markersize=3, capsize=2, color=color, label=label)
 
 
 def dense_sites(panels: list[dict], path: Path) -> None:
@@ -72,7 +74,7 @@ def dense_sites(panels: list[dict], path: Path) -> None:
             others = list(dict.fromkeys(r["other"] for r in panel["kl"]))
             for k, other in enumerate(others):
                 rows = [r for r in panel["kl"] if r["other"] == other]
-                _differences(right, rows, k, len(others), other)
+                _differences(right, rows, k, len(others), other, COLORS[(k + 1) % 10])
             right.axhline(0, color="black", linewidth=0.8)
             right.set_xlabel("measured sparsity")
             right.set_ylabel(f"answer KL: site - {panel['best']} (nats)")
@@ -193,16 +195,17 @@ def _decode_panel(ax, rows: list[dict]) -> None:
 def criteria(panels: list[dict], path: Path) -> None:
     """Per model and site: each criterion's answer KL minus the baseline's at the same measured
     sparsity, with its 95% paired interval (0: as good as magnitude top-p; below 0: keeps more). A
-    criterion keeps its colour in every panel."""
+    criterion keeps its colour in every panel and figure (``palette``)."""
     columns = max(len(panel["sites"]) for panel in panels)
-    names = sorted({r["criteria"][0] for panel in panels for r in panel["rows"]})
+    names = criterion_order(r["criteria"][0] for panel in panels for r in panel["rows"])
+    colors = criterion_colors(names)
     with figure(path, len(panels), columns, height=2.8, width=3.6) as (fig, axes):
         for row_axes, panel in zip(axes, panels):
             for ax, site in zip(row_axes, panel["sites"]):
                 for k, name in enumerate(names):
                     rows = [r for r in panel["rows"] if r["site"] == site and r["criteria"][0] == name]
                     if rows:
-                        _differences(ax, rows, k, len(names), name)
+                        _differences(ax, rows, k, len(names), name, colors[name])
                 ax.axhline(0, color="black", linewidth=0.8)
                 ax.set_xlabel("measured sparsity")
                 ax.set_ylabel(f"answer KL - {panel['baseline']} (nats)")

@@ -84,7 +84,8 @@ def decode_summaries(results: Path) -> dict[str, dict]:
 def criteria_comparisons(results: Path) -> dict[str, dict]:
     """model -> its committed criteria comparisons (``report criteria --json`` of each criteria study,
     ``CRITERIA_VARIANT`` and ``CRITERIA_ALL_INPUTS``), merged into one (their sites differ), with the
-    folders read under "folders"; the expected models first."""
+    folders read under "folders" and the critical threshold of their sweeps; the expected models first.
+    A comparison without "rivals" (no criterion swept beside the one its paper claims to beat) adds none."""
     found: dict[str, dict] = {}
     for variant in (CRITERIA_VARIANT, CRITERIA_ALL_INPUTS):
         for path in sorted((results / "dense_sweep").glob(f"*/{variant}/comparison.json")):
@@ -92,8 +93,13 @@ def criteria_comparisons(results: Path) -> dict[str, dict]:
             if merged and part["baseline"] != merged["baseline"]:
                 raise ValueError(f"{path}: baseline {part['baseline']}, not {merged['baseline']} as in "
                                  f"{merged['folders'][0]}; rerun its report criteria")
+            threshold = json.loads((path.parent / "critical.json").read_text())["threshold"]
+            if merged and threshold != merged["threshold"]:
+                raise ValueError(f"{path}: critical threshold {threshold}, not {merged['threshold']} as in "
+                                 f"{merged['folders'][0]}; compare studies read at one threshold")
             merged.setdefault("baseline", part["baseline"])
-            for key in ("comparisons", "critical"):
-                merged.setdefault(key, []).extend(part[key])
+            merged.setdefault("threshold", threshold)
+            for key in ("comparisons", "critical", "rivals"):
+                merged.setdefault(key, []).extend(part.get(key, []))
             merged.setdefault("folders", []).append(str(path.parent.relative_to(results)))
     return expected_first(found)
