@@ -16,7 +16,7 @@ class Claim:
     sparsity: float | None = None  # a critical-sparsity claim: at least this sparsity ...
     loss: float | None = None  # ... within this accuracy loss (share of dense); None: "small"
     rival: str | None = None  # an equal-sparsity claim: more accuracy than this criterion ...
-    at: float = 0.5  # ... shown at this sparsity (the one the claim names, else the middle of the study)
+    at: float | None = None  # ... at this sparsity, where the claim names one (else at any)
 
 
 CLAIMS = (
@@ -52,9 +52,12 @@ def sparsity_verdict(claim: Claim, accuracy: dict | None, threshold: float) -> s
     return "cannot tell"
 
 
-def rival_verdict(rows: list[dict]) -> str | None:
+def rival_verdict(rows: list[dict], at: float | None = None) -> str | None:
     """holds / does not hold / mixed / cannot tell, of an equal-sparsity claim, from the paired
-    accuracy comparisons of the criterion against its rival at one site (None: not compared)."""
+    accuracy comparisons of the criterion against its rival at one site: at the sparsity ``at``
+    where the claim names one, else at every sparsity both reach (None: not compared there)."""
+    if at is not None:
+        rows = [r for r in rows if abs(r["level"] - at) < 1e-9]
     if not rows:
         return None
     better = sum(r["decided"] and r["better"] == r["criteria"][0] for r in rows)

@@ -42,6 +42,12 @@ def test_a_claim_over_a_rival_is_read_against_the_paired_comparisons(rows, verdi
     assert rival_verdict(rows) == verdict
 
 
+def test_a_claim_that_names_a_sparsity_is_read_there_only():
+    rows = [{**_row(True, "wina"), "level": 0.6}, {**_row(False, None), "level": 0.4}]
+    assert rival_verdict(rows) == "holds" and rival_verdict(rows, at=0.4) == "cannot tell"
+    assert rival_verdict(rows, at=0.3) is None
+
+
 def test_the_rivals_are_the_criteria_the_claims_name():
     assert RIVALS == {"scap": ("cats",), "wina": ("teal",), "larosa": ("teal",)}
     assert all(c.sparsity is not None or c.rival is not None for c in CLAIMS)

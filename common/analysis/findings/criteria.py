@@ -136,7 +136,7 @@ def criteria(results: Path) -> Section:
     commands += [COMMANDS["criteria_all_inputs"].format(model=model) for model, comparison in found.items()
                  if any(CRITERIA_ALL_INPUTS in folder for folder in comparison["folders"])]
     lines += data_line(folders + [CRITERIA_COST.format(model=m) for m in timed],
-                       "\n".join(commands + [COMMANDS["criteria_cost"].format(model=m) for m in timed[:1]]))
+                       "\n".join(commands + [COMMANDS["criteria_cost"].format(model=m) for m in timed]))
     return Section(title, claim, lines, {"criteria.png": lambda path: draw.criteria(panels, path)})
 
 
@@ -158,9 +158,11 @@ def _claim_reading(claim, comparison: dict, site: str) -> str | None:
         return f"{site}: -"
     better = sum(r["decided"] and r["better"] == claim.criterion for r in rows)
     worse = sum(r["decided"] and r["better"] == claim.rival for r in rows)
-    shown = next((r for r in rows if abs(r["level"] - claim.at) < 1e-9), max(rows, key=lambda r: r["level"]))
+    shown_at = 0.5 if claim.at is None else claim.at
+    shown = next((r for r in rows if abs(r["level"] - shown_at) < 1e-9), max(rows, key=lambda r: r["level"]))
     return (f"{site} {shown['difference']:+.3f} {interval(shown['interval'])} at {number(shown['level'], 1)}, "
-            f"better / worse at {better} / {worse} of {len(rows)}: {rival_verdict(rows)}")
+            f"better / worse at {better} / {worse} of {len(rows)}: "
+            f"{rival_verdict(rows, claim.at) or f'not read at {number(claim.at, 1)}'}")
 
 
 def claims_table(found: dict[str, dict]) -> list[str]:
@@ -172,9 +174,9 @@ def claims_table(found: dict[str, dict]) -> list[str]:
              "at a larger loss is then not read; 'small loss' is read as this one, and TEAL's model-wide claim at the "
              "FFN sites), cannot tell where it spans it. A claim over a rival is read "
              "against their paired difference in task-average accuracy (a share of dense) at equal measured "
-             "sparsity, shown at the sparsity the claim names (else 0.5, else the highest both reach), counted at "
-             "every sparsity both reach: holds where the criterion is decided better at "
-             "some sparsity and worse at none. '-': the two are not compared paired in this model's comparison.", "",
+             "sparsity, counted at every sparsity both reach and shown at the one the claim names (else 0.5): holds "
+             "where the criterion is decided better at the named sparsity, or where none is named at some sparsity "
+             "and worse at none. '-': the two are not compared paired in this model's comparison.", "",
              "| criterion | claim | model | reading by site |", "|---|---|---|---|"]
     for claim in CLAIMS:
         for model, comparison in found.items():
