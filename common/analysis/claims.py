@@ -36,8 +36,8 @@ RIVALS: dict[str, tuple[str, ...]] = {name: tuple(c.rival for c in CLAIMS if c.c
 def sparsity_verdict(claim: Claim, accuracy: dict | None, threshold: float) -> str | None:
     """holds / does not hold / cannot tell, of a critical-sparsity claim, from the criterion's
     accuracy crossing at loss 1 - ``threshold`` (``{"crossing", "interval"}``; None: not read).
-    A crossing is at least as high at a larger loss, so a claim at a larger loss than ours holds
-    where ours does, and is only "below" it where ours is."""
+    A crossing is at least as high at a larger loss: an interval above the claim decides it at any
+    larger loss too, one below it decides nothing for a claim made at a larger loss."""
     if not accuracy or "interval" not in accuracy:
         return None
     low, high = accuracy["interval"]

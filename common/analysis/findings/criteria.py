@@ -186,4 +186,3 @@ def claims_table(found: dict[str, dict]) -> list[str]:
                 lines.append(f"| {claim.criterion} | {claim.text} | {model} | {'; '.join(readings)} |")
     return lines + ["", "What each criterion computes: "
                     "[docs/dense-sweep.md](../docs/dense-sweep.md#criteria-which-entries-to-keep).", ""]
-
