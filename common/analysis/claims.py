@@ -52,6 +52,12 @@ def sparsity_verdict(claim: Claim, accuracy: dict | None, threshold: float) -> s
     return "cannot tell"
 
 
+def rival_tally(rows: list[dict]) -> tuple[int, int]:
+    """(sparsities where the criterion is decided better, where decided worse) than its rival."""
+    return (sum(r["decided"] and r["better"] == r["criteria"][0] for r in rows),
+            sum(r["decided"] and r["better"] == r["criteria"][1] for r in rows))
+
+
 def rival_verdict(rows: list[dict], at: float | None = None) -> str | None:
     """holds / does not hold / mixed / cannot tell, of an equal-sparsity claim, from the paired
     accuracy comparisons of the criterion against its rival at one site: at the sparsity ``at``
@@ -60,8 +66,7 @@ def rival_verdict(rows: list[dict], at: float | None = None) -> str | None:
         rows = [r for r in rows if abs(r["level"] - at) < 1e-9]
     if not rows:
         return None
-    better = sum(r["decided"] and r["better"] == r["criteria"][0] for r in rows)
-    worse = sum(r["decided"] and r["better"] == r["criteria"][1] for r in rows)
+    better, worse = rival_tally(rows)
     if better and worse:
         return "mixed"
     return "holds" if better else "does not hold" if worse else "cannot tell"

@@ -25,7 +25,7 @@ def criterion_colors(names: Iterable[str]) -> dict[str, tuple]:
     """Colour of each name: the fixed slot of a known criterion, then the free slots in sorted order
     of the other names (cycling after ten)."""
     names = sorted(set(names))
-    free = [k for k in range(len(COLORS)) if k >= len(CRITERION_ORDER)]
+    free = range(len(CRITERION_ORDER), len(COLORS))
     others = [name for name in names if name not in CRITERION_ORDER]
     colors = {name: COLORS[CRITERION_ORDER.index(name)] for name in names if name in CRITERION_ORDER}
     colors.update({name: COLORS[free[k % len(free)]] for k, name in enumerate(others)})

@@ -65,6 +65,11 @@ def test_dense_sweep_with_two_criteria_writes_both_and_the_comparison(tmp_path, 
     cats = [a if a != str(out) else str(alone) for a in args]
     cats[cats.index("magnitude"):cats.index("magnitude") + 1] = []
     assert _run("dense_sweep.py", *cats, cache=tmp_path / "cache").returncode == 0
+    from common.analysis.tables import criteria_comparison
+
+    paired = [r for r in criteria_comparison([alone, out])["comparisons"] if r["folders"][0] == str(alone)]
+    assert paired and all(r["criteria"] == ["cats", "magnitude-topp"] and r["folders"] == [str(alone), str(out)]
+                          for r in paired)  # alone's cats against out's magnitude top-p (out's own cats: apart)
     drawn = _criteria_figure([alone, out], tmp_path / "kl", monkeypatch)
     colors = criterion_colors(["magnitude-topp", "cats"])
     assert drawn == {"intermediate": [("magnitude-topp", colors["magnitude-topp"]), ("cats", colors["cats"])],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.analysis.claims import CLAIMS, rival_verdict, sparsity_verdict
+from common.analysis.claims import CLAIMS, rival_tally, rival_verdict, sparsity_verdict
 from common.analysis.findings import figures as draw
 from common.analysis.findings.page import Section, data_line, interval, load_json, median_ratio, not_measured, \
     number, reading
@@ -156,8 +156,7 @@ def _claim_reading(claim, comparison: dict, site: str) -> str | None:
             and r["criteria"] == [claim.criterion, claim.rival]]
     if not rows:
         return f"{site}: -"
-    better = sum(r["decided"] and r["better"] == claim.criterion for r in rows)
-    worse = sum(r["decided"] and r["better"] == claim.rival for r in rows)
+    better, worse = rival_tally(rows)
     shown_at = 0.5 if claim.at is None else claim.at
     shown = next((r for r in rows if abs(r["level"] - shown_at) < 1e-9), max(rows, key=lambda r: r["level"]))
     return (f"{site} {shown['difference']:+.3f} {interval(shown['interval'])} at {number(shown['level'], 1)}, "
